@@ -1,0 +1,302 @@
+"""The TOML config: typed, validated, and every error names the file, the key path and the reason.
+
+Placeholders in a model's ``cmd`` and ``env`` (``{port}``, ``{python}``, ``{model}``,
+``{state_dir}``) are checked at load time and filled in at spawn time, when the port is known.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import string
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "PLACEHOLDERS",
+    "Config",
+    "ModelConfig",
+    "ServerConfig",
+    "SupervisorConfig",
+    "is_loopback",
+    "load_config",
+    "parse_config",
+    "placeholder_values",
+    "render",
+    "resolved_dict",
+]
+
+PLACEHOLDERS = frozenset({"port", "python", "model", "state_dir"})
+DEFAULT_STATE_DIR = "~/.local/state/trioserve"
+
+
+class _Section(BaseModel):
+    # strict: TOML already has types, so "8600" for a port is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8600, ge=0, le=65535)
+    state_dir: str = DEFAULT_STATE_DIR
+    request_timeout: float = Field(600, gt=0)
+    first_byte_timeout: float = Field(180, gt=0)
+    stream_idle_timeout: float = Field(60, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+    loading_progress: bool = True
+    # Not in the minimal config: how long shutdown lets in-flight requests finish.
+    shutdown_grace: float = Field(15, ge=0)
+
+    @field_validator(
+        "request_timeout",
+        "first_byte_timeout",
+        "stream_idle_timeout",
+        "shutdown_grace",
+        mode="before",
+    )
+    @classmethod
+    def _int_is_a_float(cls, value: object) -> object:
+        # strict mode refuses an int for a float field; TOML users write `600`, not `600.0`.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        if any(not key.strip() for key in keys):
+            raise ValueError("an API key must not be empty")
+        return keys
+
+
+class SupervisorConfig(_Section):
+    max_loaded: int = Field(2, ge=1)
+    start_timeout: float = Field(120, gt=0)
+    stop_grace: float = Field(10, ge=0)
+    port_range: list[int] = Field(default_factory=lambda: [20000, 20999])
+    max_start_failures: int = Field(3, ge=1)
+    failure_cooldown: float = Field(30, ge=0)
+    health_interval: float = Field(10, gt=0)
+    unhealthy_after: int = Field(3, ge=1)
+
+    @field_validator(
+        "start_timeout", "stop_grace", "failure_cooldown", "health_interval", mode="before"
+    )
+    @classmethod
+    def _int_is_a_float(cls, value: object) -> object:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: list[int]) -> list[int]:
+        if len(value) != 2:
+            raise ValueError("must be [first, last]")
+        first, last = value
+        if not (1 <= first <= last <= 65535):
+            raise ValueError("must be [first, last] with 1 <= first <= last <= 65535")
+        return value
+
+
+class ModelConfig(_Section):
+    cmd: list[str] = Field(min_length=1)
+    health_path: str = "/health"
+    ttl: float = Field(300, ge=0)
+    max_concurrency: int = Field(8, ge=1)
+    max_queue: int = Field(128, ge=0)
+    aliases: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: object) -> object:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("health_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd_placeholders(cls, argv: list[str]) -> list[str]:
+        if not argv[0].strip():
+            raise ValueError("the program (first element) must not be empty")
+        for arg in argv:
+            _check_placeholders(arg)
+        return argv
+
+    @field_validator("env")
+    @classmethod
+    def _env_placeholders(cls, env: dict[str, str]) -> dict[str, str]:
+        for value in env.values():
+            _check_placeholders(value)
+        return env
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)  # type: ignore[arg-type]
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Where the file came from; not a TOML key.
+    _source: str = PrivateAttr(default="<memory>")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def state_dir(self) -> Path:
+        """``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``) wins over the file."""
+        from_systemd = os.environ.get("STATE_DIRECTORY")
+        if from_systemd:
+            # systemd may pass several colon-separated dirs; the first is ours.
+            return Path(from_systemd.split(":")[0])
+        return Path(self.server.state_dir).expanduser()
+
+    def resolve_name(self, name: str) -> str | None:
+        """The model's own name for ``name`` (a name or an alias), or None."""
+        if name in self.models:
+            return name
+        for model_name, model in self.models.items():
+            if name in model.aliases:
+                return model_name
+        return None
+
+    def known_names(self) -> list[str]:
+        names = list(self.models)
+        for model in self.models.values():
+            names.extend(model.aliases)
+        return names
+
+
+def _check_placeholders(text: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise ValueError(
+            f"bad placeholder syntax in {text!r}: {exc} (write '{{{{' for '{{')"
+        ) from exc
+    for field in fields:
+        if field not in PLACEHOLDERS:
+            known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+            raise ValueError(f"unknown placeholder {{{field}}} in {text!r}; known: {known}")
+
+
+def render(text: str, values: Mapping[str, object]) -> str:
+    """Fill the placeholders of one ``cmd`` or ``env`` string."""
+    return text.format_map(dict(values))
+
+
+def placeholder_values(config: Config, model: str, port: int | str) -> dict[str, object]:
+    return {
+        "port": port,
+        "python": sys.executable,
+        "model": model,
+        "state_dir": str(config.state_dir),
+    }
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _reason(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    given = error.get("input")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    message = str(error["msg"])
+    message = message[0].lower() + message[1:]
+    return f"{message}, got {given!r}" if kind.endswith("_type") else message
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
+    """Validate a decoded TOML document; raise ``ConfigError`` for the first problem."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(source, _key_path(first["loc"]), _reason(first)) from None
+    _check_names(config, source)
+    config._source = source
+    return config
+
+
+def _check_names(config: Config, source: str) -> None:
+    seen: dict[str, str] = {}
+    for name, model in config.models.items():
+        for alias in [name, *model.aliases]:
+            if not alias or alias != alias.strip():
+                raise ConfigError(source, f"models.{name}", f"bad model name or alias {alias!r}")
+            if alias in seen and seen[alias] != name:
+                raise ConfigError(
+                    source, f"models.{name}.aliases", f"{alias!r} is already used by {seen[alias]}"
+                )
+            if alias in seen and alias != name:
+                raise ConfigError(source, f"models.{name}.aliases", f"{alias!r} is listed twice")
+            seen[alias] = name
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
+    return parse_config(data, source)
+
+
+def resolved_dict(config: Config) -> dict[str, Any]:
+    """The config as it will be used: paths expanded, placeholders filled but ``{port}``."""
+    data: dict[str, Any] = config.model_dump()
+    data["server"]["state_dir"] = str(config.state_dir)
+    for name, model in data["models"].items():
+        values = placeholder_values(config, name, "{port}")
+        model["cmd"] = [render(arg, values) for arg in model["cmd"]]
+        model["env"] = {key: render(value, values) for key, value in model["env"].items()}
+    return data

@@ -1,0 +1,112 @@
+"""The exceptions of trioserve, each carrying the HTTP status and OpenAI error code it maps to.
+
+The mapping to HTTP lives here, in one place: the gateway turns any ``TrioserveError`` into
+``{"error": {"message", "type", "code"}}`` with ``status`` and, where set, ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+__all__ = [
+    "ConfigError",
+    "InvalidApiKey",
+    "InvalidRequest",
+    "ModelNotFound",
+    "ModelUnavailable",
+    "QueueFull",
+    "RequestTimeout",
+    "RequestTooLarge",
+    "TrioserveError",
+    "UpstreamError",
+]
+
+
+class TrioserveError(Exception):
+    """Base class: an error a client or an operator can act on."""
+
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, dict[str, str]]:
+        """The OpenAI-shaped error object."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            # Retry-After takes whole seconds; round up so a client never retries too early.
+            seconds = max(1, math.ceil(self.retry_after))
+            headers.append((b"retry-after", str(seconds).encode()))
+        return headers
+
+
+class InvalidRequest(TrioserveError):
+    status, code, type = 400, "invalid_request", "invalid_request_error"
+
+
+class InvalidApiKey(TrioserveError):
+    status, code, type = 401, "invalid_api_key", "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required: send it as 'Authorization: Bearer KEY'")
+
+
+class ModelNotFound(TrioserveError):
+    status, code, type = 404, "model_not_found", "invalid_request_error"
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        names = ", ".join(sorted(known)) or "(none configured)"
+        super().__init__(f"model {name!r} does not exist; known models: {names}")
+        self.name = name
+
+
+class RequestTooLarge(TrioserveError):
+    status, code, type = 413, "request_too_large", "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than max_body_bytes ({limit} bytes)")
+
+
+class QueueFull(TrioserveError):
+    status, code, type = 429, "queue_full", "rate_limit_error"
+
+    def __init__(self, model: str, max_queue: int) -> None:
+        super().__init__(
+            f"model {model!r} is busy: {max_queue} requests are already waiting; retry later",
+            retry_after=1,
+        )
+
+
+class UpstreamError(TrioserveError):
+    status, code, type = 502, "upstream_error", "server_error"
+
+
+class ModelUnavailable(TrioserveError):
+    status, code, type = 503, "model_unavailable", "server_error"
+
+
+class RequestTimeout(TrioserveError):
+    status, code, type = 504, "timeout", "timeout_error"
+
+
+class ConfigError(Exception):
+    """An invalid config file: names the file, the key path and the reason."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + reason)
+        self.path = path
+        self.key = key
+        self.reason = reason

@@ -1,0 +1,113 @@
+"""Prometheus metrics, on a registry of the app's own (no global registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics"]
+
+_STATES = ("stopped", "starting", "ready", "stopping", "failed")
+
+
+class _ModelCollector(Collector):
+    """In-flight, queued and state gauges, read from the supervisor at scrape time, so the hot
+    path never updates a gauge."""
+
+    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self._status()
+        in_flight = GaugeMetricFamily(
+            "trioserve_in_flight", "Requests forwarded to the model now", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "trioserve_queued", "Requests waiting for a slot of the model", labels=["model"]
+        )
+        state = GaugeMetricFamily(
+            "trioserve_model_state", "1 for the model's current state", labels=["model", "state"]
+        )
+        for name, info in status.items():
+            in_flight.add_metric([name], info["in_flight"])
+            queued.add_metric([name], info["queued"])
+            for each in _STATES:
+                state.add_metric([name, each], 1.0 if info["state"] == each else 0.0)
+        yield in_flight
+        yield queued
+        yield state
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "trioserve_requests",
+            "Relayed requests by model and HTTP status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "trioserve_request_duration_seconds",
+            "Whole request duration",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.ttfb = Histogram(
+            "trioserve_time_to_first_byte_seconds",
+            "From request arrival to the first upstream byte (queue and start included)",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180),
+        )
+        self.errors = Counter(
+            "trioserve_errors",
+            "Error answers by model and code",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.starts = Counter(
+            "trioserve_model_starts", "Model processes spawned", ["model"], registry=self.registry
+        )
+        self.failures = Counter(
+            "trioserve_model_failures",
+            "Failed starts, crashes and hangs",
+            ["model"],
+            registry=self.registry,
+        )
+        self.upstream_cancellations = Counter(
+            "trioserve_upstream_cancellations",
+            "Upstream requests aborted because the client left or a deadline passed",
+            ["model"],
+            registry=self.registry,
+        )
+
+    def watch_models(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.registry.register(_ModelCollector(status))
+
+    def finished(self, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, str(status)).inc()
+        self.duration.labels(model).observe(seconds)
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        self.ttfb.labels(model).observe(seconds)
+
+    def error(self, model: str, code: str) -> None:
+        self.errors.labels(model, code).inc()
+
+    def cancelled(self, model: str) -> None:
+        self.upstream_cancellations.labels(model).inc()
+
+    def spawned(self, model: str) -> None:
+        self.starts.labels(model).inc()
+
+    def failed(self, model: str, reason: str) -> None:
+        self.failures.labels(model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
