@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from . import __version__
@@ -25,6 +24,7 @@ from .cleanup import reclaim_leftovers
 from .config import Config, is_loopback
 from .events import EventBus
 from .gateway import Gateway
+from .http_server import hypercorn_config
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .process import process_start_time, read_boot_id
@@ -35,12 +35,6 @@ from .supervisor import Supervisor
 __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 
 log = logging.getLogger("trioserve")
-
-# Hypercorn closes a connection whose request has not arrived after this long (its default is
-# no limit at all, which lets slowloris clients hold sockets forever).
-READ_TIMEOUT = 30
-# Request line plus headers; larger gets 431 from h11 / 400, never our memory.
-MAX_HEADER_BYTES = 32 * 1024
 
 
 class DaemonError(Exception):
@@ -147,7 +141,7 @@ async def _run_locked(
                     pid=os.getpid(),
                 )
                 gateway = Gateway(config, Relay(config, supervisor, http, metrics), admin)
-                hyper = _hypercorn_config(config)
+                hyper = hypercorn_config(config)
                 served = trio.Event()
 
                 async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -197,22 +191,6 @@ async def _run_locked(
         writer.close()
         outer.cancel_scope.cancel()
     log.info("trioserve stopped")
-
-
-def _hypercorn_config(config: Config) -> HypercornConfig:
-    hyper = HypercornConfig()
-    host = config.server.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    hyper.bind = [f"{host}:{config.server.port}"]
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("hypercorn.error")
-    hyper.graceful_timeout = config.server.shutdown_grace
-    hyper.read_timeout = READ_TIMEOUT
-    hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
-    hyper.keep_alive_timeout = 75
-    # Our own deadlines cover requests; Hypercorn's would cut long streams.
-    return hyper
 
 
 async def _watch_signals(stop_requested: trio.Event) -> None:
