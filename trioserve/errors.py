@@ -31,10 +31,14 @@ class TrioserveError(Exception):
     code: str = "internal_error"
     type: str = "server_error"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        if status is not None:
+            self.status = status
 
     def body(self) -> dict[str, dict[str, str]]:
         """The OpenAI-shaped error object."""

@@ -10,9 +10,13 @@ from .config import Config
 
 __all__ = ["hypercorn_config"]
 
-# Hypercorn closes a connection whose request has not arrived after this long (its default is
-# no limit at all, which lets slowloris clients hold sockets forever).
-READ_TIMEOUT = 30
+# Hypercorn's read_timeout applies to every read of a connection, also while a long response
+# streams and the client rightly sends nothing, so it must outlast any request. Slow request
+# bodies are bounded by the relay's own body deadline instead.
+READ_TIMEOUT_MARGIN = 30
+# The kernel's accept queue: 1,000 clients connecting at once must not see SYN drops (each
+# costs a second of retransmit). Capped by net.core.somaxconn.
+BACKLOG = 4096
 # Request line plus headers; larger gets 431 from h11 / 400, never our memory.
 MAX_HEADER_BYTES = 32 * 1024
 
@@ -26,7 +30,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = config.server.shutdown_grace
-    hyper.read_timeout = READ_TIMEOUT
+    hyper.read_timeout = int(config.server.request_timeout) + READ_TIMEOUT_MARGIN
+    hyper.backlog = BACKLOG
     hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
     hyper.keep_alive_timeout = 75
     # Our own deadlines cover requests; Hypercorn's would cut long streams.

@@ -12,6 +12,7 @@ connection, so the backend sees the disconnect and stops generating.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from contextlib import aclosing
@@ -46,6 +47,8 @@ _SSE_HEADERS = [
     # Tell nginx and friends not to buffer the stream.
     (b"x-accel-buffering", b"no"),
 ]
+# A client that trickles its body (slowloris) is cut off after this long.
+BODY_READ_TIMEOUT = 30.0
 # After this long without a ready model, a streaming client starts getting progress comments.
 PROGRESS_AFTER = 1.0
 PROGRESS_EVERY = 1.0
@@ -69,7 +72,46 @@ class _Exchange:
     status: int = 0
     start_clock: float = field(default_factory=trio.current_time)
     first_byte_at: float | None = None
+    client_gone: bool = False
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class _Pump:
+    """Reads upstream chunks into ``buffer``; a token in ``wakeup`` means "look again"."""
+
+    def __init__(self, model: str, idle: float) -> None:
+        self.model = model
+        self.idle = idle
+        self.buffer = bytearray()
+        self.done = False
+        self.error: TrioserveError | None = None
+        self._wake_send, self.wakeup = trio.open_memory_channel[None](1)
+
+    def _wake(self) -> None:
+        # A full channel already holds a wake-up the sender has not taken yet.
+        with contextlib.suppress(trio.WouldBlock):
+            self._wake_send.send_nowait(None)
+
+    async def run(self, chunks: Any) -> None:
+        try:
+            # One scope whose deadline moves with each chunk: cheaper than a scope per chunk.
+            with trio.CancelScope(deadline=trio.current_time() + self.idle) as gap:
+                async for chunk in chunks:
+                    self.buffer += chunk
+                    self._wake()
+                    gap.deadline = trio.current_time() + self.idle
+            if gap.cancelled_caught:
+                self.error = RequestTimeout(
+                    f"model {self.model!r} sent nothing for stream_idle_timeout "
+                    f"({self.idle:g}s); the upstream request was aborted"
+                )
+        except httpx.HTTPError as exc:
+            self.error = UpstreamError(
+                f"model {self.model!r} closed the stream mid-answer: {exc!r}"
+            )
+        finally:
+            self.done = True
+            self._wake()
 
 
 class Relay:
@@ -86,21 +128,31 @@ class Relay:
         server = self.config.server
         try:
             with trio.move_on_after(server.request_timeout) as whole:
+                with trio.move_on_after(BODY_READ_TIMEOUT) as body_read:
+                    body = await self._read_body(scope, receive, server.max_body_bytes)
+                if body_read.cancelled_caught:
+                    raise InvalidRequest(
+                        f"request body not received within {BODY_READ_TIMEOUT:g}s", status=408
+                    )
                 async with trio.open_nursery() as nursery:
                     # The client going away cancels everything this request does, upstream
                     # included, at once.
-                    body = await self._read_body(scope, receive, server.max_body_bytes)
-                    nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+                    nursery.start_soon(
+                        self._watch_disconnect, receive, nursery.cancel_scope, exchange
+                    )
                     await self._handle(exchange, body)
                     nursery.cancel_scope.cancel()
+            if exchange.client_gone:
+                raise _ClientGone()
             if whole.cancelled_caught:
-                await self._fail(
-                    exchange,
-                    RequestTimeout(
-                        f"request_timeout ({server.request_timeout:g}s) passed; the upstream "
-                        "request was aborted"
-                    ),
+                raise RequestTimeout(
+                    f"request_timeout ({server.request_timeout:g}s) passed; the upstream "
+                    "request was aborted"
                 )
+            # The last send happens outside the watched scope: Hypercorn queues
+            # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
+            # send would leave the connection open.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except* TrioserveError as group:
             await self._fail(exchange, _first_leaf(group))
         except* _ClientGone:
@@ -131,12 +183,15 @@ class Relay:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _watch_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
+    async def _watch_disconnect(
+        self, receive: Receive, scope: trio.CancelScope, exchange: _Exchange
+    ) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                exchange.client_gone = True
                 scope.cancel()
-                raise _ClientGone()
+                return
 
     def _parse(self, body: bytes) -> tuple[dict[str, Any], str]:
         try:
@@ -300,27 +355,30 @@ class Relay:
     async def _relay_rest(
         self, exchange: _Exchange, first: bytes, chunks: Any, *, streaming: bool
     ) -> None:
-        send = exchange.send
-        idle = self.config.server.stream_idle_timeout
-        if first:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-        while True:
-            with trio.move_on_after(idle) as gap:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
+        """Relay the rest of a stream, coalescing: a reader task appends upstream chunks to a
+        buffer while this task sends whatever has accumulated in one ``send``.
+
+        When the client keeps up, each chunk goes out as soon as it arrives; when sending is
+        the bottleneck (many streams, fast tokens), chunks that arrived meanwhile go out
+        together, so the per-send cost (Hypercorn, h11, a syscall) is paid once per batch
+        instead of once per token.
+        """
+        pump = _Pump(exchange.model, self.config.server.stream_idle_timeout)
+        pump.buffer += first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run, chunks)
+            send = exchange.send
+            while True:
+                if not pump.buffer and not pump.done:
+                    await pump.wakeup.receive()
+                if pump.buffer:
+                    data = bytes(pump.buffer)
+                    pump.buffer.clear()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                elif pump.done:
                     break
-                except httpx.HTTPError as exc:
-                    raise UpstreamError(
-                        f"model {exchange.model!r} closed the stream mid-answer: {exc!r}"
-                    ) from exc
-            if gap.cancelled_caught:
-                raise RequestTimeout(
-                    f"model {exchange.model!r} sent nothing for stream_idle_timeout "
-                    f"({idle:g}s); the upstream request was aborted"
-                )
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if pump.error is not None:
+            raise pump.error
 
     async def _relay_whole(
         self, exchange: _Exchange, response: httpx.Response, first: bytes, chunks: Any
@@ -347,7 +405,7 @@ class Relay:
         headers = self._headers(response)
         headers.append((b"content-length", str(len(payload)).encode()))
         await self._start(exchange, response.status_code, headers)
-        await exchange.send({"type": "http.response.body", "body": payload, "more_body": False})
+        await exchange.send({"type": "http.response.body", "body": payload, "more_body": True})
 
     async def _fail(self, exchange: _Exchange, error: TrioserveError) -> None:
         self.metrics.error(exchange.model or "-", error.code)

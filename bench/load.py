@@ -1,0 +1,274 @@
+"""Load benchmark: trioserve against calling the same echo backend directly, in the same run.
+
+Starts the daemon (the real console script) with four echo models, loads them, finds each
+backend's port from /admin/status, and runs every scenario twice with the same load client
+(bench/_client.py, its own process): once straight at the backend, once through trioserve.
+Liveness probes run from a third process. Prints each figure and its ratio to direct.
+
+    .venv/bin/python bench/load.py            # all scenarios
+    .venv/bin/python bench/load.py --only b d # some
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = [sys.executable, str(ROOT / "bench" / "_client.py")]
+TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _config(state_dir: str, port: int) -> str:
+    echo = '"{python}", "-m", "trioserve.backends.echo", "--port", "{port}"'
+    models = {
+        "slow": "--response-delay 5 --tokens 8",
+        "stream": "--tokens 50 --token-delay 0.02",
+        "fast": "--tokens 2000 --token-delay 0",
+        "tiny": "--tokens 1",
+    }
+    lines = [
+        "[server]",
+        f"port = {port}",
+        f'state_dir = "{state_dir}"',
+        "[supervisor]",
+        "max_loaded = 4",
+        "port_range = [23000, 23099]",
+    ]
+    for name, opts in models.items():
+        extra = ", ".join(f'"{o}"' for o in opts.split())
+        lines += [
+            f"[models.{name}]",
+            f"cmd = [{echo}, {extra}]",
+            "ttl = 0",
+            "max_concurrency = 1100",
+            "max_queue = 2000",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_client(*args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [*CLIENT, *args], capture_output=True, text=True, check=True, preexec_fn=_raise_fd_limit
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.05)
+
+
+def _body(model: str, stream: bool) -> str:
+    return json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "a b c"}]}
+    )
+
+
+def _both(
+    direct: str, relayed: str, path: str, extra: list[str], probe: bool = False, **kw: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    results = []
+    probes: list[dict[str, Any] | None] = []
+    for base in (direct, relayed):
+        probe_proc = None
+        if probe:
+            probe_proc = subprocess.Popen(
+                [*CLIENT, "--probe", base + "/health", "--seconds", str(kw.get("probe_s", 4))],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        results.append(_run_client("--url", base + path, *extra))
+        if probe_proc is not None:
+            out, _ = probe_proc.communicate()
+            probes.append(json.loads(out))
+        else:
+            probes.append(None)
+    return results[0], results[1], probes[0], probes[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=["a", "b", "c", "d", "e"])
+    parser.add_argument("--streams", type=int, default=1000)
+    args = parser.parse_args()
+    _raise_fd_limit()
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "bench.toml"
+        conf.write_text(_config(tmp, port))
+        daemon = subprocess.Popen(
+            [TRIOSERVE, "start", "--config", str(conf), "--log-level", "warning"],
+            preexec_fn=_raise_fd_limit,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait(url)
+            with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+                for name in ("slow", "stream", "fast", "tiny"):
+                    client.post(f"/admin/models/{name}/load").raise_for_status()
+                models = client.get("/admin/status").json()["models"]
+            ports = {name: info["port"] for name, info in models.items()}
+            sampler = RssSampler(daemon.pid)
+            sampler.start()
+            rows = _scenarios(args, url, ports, daemon.pid)
+            sampler.stop.set()
+            sampler.join()
+            rows.append(("e", "daemon RSS at peak", f"{sampler.peak / 2**20:.1f} MiB", "", ""))
+            _print(rows)
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+
+
+def _wait(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("daemon did not start")
+
+
+def _scenarios(
+    args: argparse.Namespace, url: str, ports: dict[str, int], daemon_pid: int
+) -> list[tuple[str, str, str, str, str]]:
+    rows: list[tuple[str, str, str, str, str]] = []
+    chat = "/v1/chat/completions"
+
+    def base(model: str) -> str:
+        return f"http://127.0.0.1:{ports[model]}"
+
+    if "a" in args.only:
+        d, r, _, _ = _both(
+            base("slow"), url, chat,
+            ["--concurrency", "10", "--requests", "10", "--body", _body("slow", False)],
+        )
+        mean_d = statistics.mean(d["latencies"]) if d["latencies"] else float("nan")
+        mean_r = statistics.mean(r["latencies"]) if r["latencies"] else float("nan")
+        rows.append(("a", "10 users × 5 s: completed", f"{r['completed']}/10",
+                     f"direct {d['completed']}/10", ""))
+        rows.append(("a", "mean latency ÷ 5 s", f"{mean_r / 5:.3f}", f"direct {mean_d / 5:.3f}",
+                     f"{mean_r / mean_d:.3f}×"))
+    if "b" in args.only:
+        n = str(args.streams)
+        d, r, pd, pr = _both(
+            base("stream"), url, chat,
+            ["--concurrency", n, "--requests", n, "--body", _body("stream", True)],
+            probe=True, probe_s=3,
+        )
+        rows.append(("b", f"{n} streams: completed", f"{100 * r['completed'] / int(n):.1f}%",
+                     f"direct {100 * d['completed'] / int(n):.1f}%", ""))
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            vr, vd = _pct(r["latencies"], q), _pct(d["latencies"], q)
+            rows.append(("b", f"stream latency {label}", f"{vr:.2f} s", f"direct {vd:.2f} s",
+                         f"{vr / vd:.3f}×"))
+        assert pr is not None and pd is not None
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            rows.append((
+                "b", f"/health {label} under load",
+                f"{1000 * _pct(pr['samples'], q):.1f} ms",
+                f"backend's own {1000 * _pct(pd['samples'], q):.1f} ms", "",
+            ))
+    if "c" in args.only:
+        d, r, _, _ = _both(
+            base("tiny"), url, chat,
+            ["--concurrency", "1", "--requests", "1000", "--body", _body("tiny", False)],
+        )
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            added = 1000 * (_pct(r["latencies"], q) - _pct(d["latencies"], q))
+            rows.append(("c", f"added latency {label}", f"{added:.2f} ms",
+                         f"direct {1000 * _pct(d['latencies'], q):.2f} ms", ""))
+    if "d" in args.only:
+        cpu = _CpuWatch([daemon_pid, _pid_on_port(ports["fast"])])
+        d, r, _, _ = _both(
+            base("fast"), url, chat,
+            ["--concurrency", "64", "--requests", "64", "--body", _body("fast", True)],
+        )
+        cpu.stop()
+        cd, cr = d["events"] / d["wall_s"], r["events"] / r["wall_s"]
+        rows.append(("d", "64 streams, chunks/s", f"{cr:,.0f}", f"direct {cd:,.0f}",
+                     f"{cr / cd:.3f}×"))
+        rows.append(("d", "CPU s (daemon, backend)", cpu.summary(), "", ""))
+    return rows
+
+
+def _pid_on_port(port: int) -> int:
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return int(conn.pid or 0)
+    return 0
+
+
+class _CpuWatch:
+    def __init__(self, pids: list[int]) -> None:
+        self.processes = [psutil.Process(p) for p in pids if p]
+        self.start = [p.cpu_times() for p in self.processes]
+
+    def stop(self) -> None:
+        self.end = [p.cpu_times() for p in self.processes]
+
+    def summary(self) -> str:
+        return ", ".join(
+            f"{(e.user + e.system) - (s.user + s.system):.1f}"
+            for s, e in zip(self.start, self.end, strict=True)
+        )
+
+
+def _print(rows: list[tuple[str, str, str, str, str]]) -> None:
+    print(f"{'':2} {'figure':34} {'trioserve':>14} {'direct':>26} {'ratio':>9}")
+    for row in rows:
+        print(f"{row[0]:2} {row[1]:34} {row[2]:>14} {row[3]:>26} {row[4]:>9}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

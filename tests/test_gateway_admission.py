@@ -1,0 +1,70 @@
+"""Bounded queues: ``max_concurrency`` upstream, ``max_queue`` waiting, 429 beyond, FIFO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.gateway_helpers import chat, wait_for_status
+
+
+async def test_full_queue_gives_429_with_retry_after(state_dir: Path) -> None:
+    config = make_config(
+        state_dir,
+        {
+            "echo": {
+                "cmd": echo_cmd("--response-delay", "1"),
+                "max_concurrency": 1,
+                "max_queue": 2,
+            }
+        },
+    )
+    async with running_daemon(config) as (_, client):
+        await client.post("/admin/models/echo/load")
+        statuses: list[int] = []
+
+        async def call() -> None:
+            statuses.append((await client.post("/v1/chat/completions", json=chat())).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # one upstream, two queued
+                nursery.start_soon(call)
+            await wait_for_status(client, "echo", "queued", 2)
+            refused = await client.post("/v1/chat/completions", json=chat())
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert int(refused.headers["retry-after"]) >= 1
+        assert statuses == [200, 200, 200]
+
+
+async def test_queued_requests_proceed_in_arrival_order(state_dir: Path) -> None:
+    config = make_config(
+        state_dir,
+        {
+            "echo": {
+                "cmd": echo_cmd("--response-delay", "0.2"),
+                "max_concurrency": 1,
+                "max_queue": 10,
+            }
+        },
+    )
+    async with running_daemon(config) as (_, client):
+        await client.post("/admin/models/echo/load")
+        finished: list[int] = []
+
+        async def call(i: int) -> None:
+            response = await client.post("/v1/chat/completions", json=chat(text=f"n{i}"))
+            assert response.status_code == 200
+            finished.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(call, i)
+                # Each one is upstream or queued before the next arrives.
+                if i == 0:
+                    await wait_for_status(client, "echo", "in_flight", 1)
+                else:
+                    await wait_for_status(client, "echo", "queued", i)
+        assert finished == [0, 1, 2, 3, 4]

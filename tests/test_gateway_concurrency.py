@@ -1,0 +1,93 @@
+"""Nothing waits behind anything it does not need: slow calls run side by side, /health is
+never delayed by open streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import PYTHON, echo_cmd, make_config, running_daemon
+from tests.gateway_helpers import chat
+
+PROBE = Path(__file__).resolve().parent.parent / "bench" / "_client.py"
+
+
+async def test_ten_slow_users_are_served_in_parallel_not_one_after_another(
+    state_dir: Path,
+) -> None:
+    # The seed's experiment scaled down: 10 users, each call takes 1 s at the backend.
+    config = make_config(
+        state_dir,
+        {"slow": {"cmd": echo_cmd("--response-delay", "1"), "max_concurrency": 10}},
+    )
+    async with running_daemon(config) as (_, client):
+        await client.post("/admin/models/slow/load")
+        durations: list[float] = []
+        statuses: list[int] = []
+
+        async def user() -> None:
+            start = trio.current_time()
+            response = await client.post("/v1/chat/completions", json=chat("slow"))
+            statuses.append(response.status_code)
+            durations.append(trio.current_time() - start)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(user)
+        assert statuses == [200] * 10
+        # Serialised, the slowest would take ~10 s.
+        assert max(durations) < 1.5, durations
+
+
+@pytest.mark.slow
+async def test_health_stays_fast_while_a_hundred_slow_streams_are_open(state_dir: Path) -> None:
+    config = make_config(
+        state_dir,
+        {
+            "echo": {
+                "cmd": echo_cmd("--tokens", "40", "--token-delay", "0.1"),
+                "max_concurrency": 200,
+            }
+        },
+    )
+    async with running_daemon(config) as (info, client):
+        await client.post("/admin/models/echo/load")
+        opened = 0
+        all_open = trio.Event()
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(
+            base_url=info.url, timeout=30, trust_env=False, limits=limits
+        ) as streams:
+
+            async def stream() -> None:
+                nonlocal opened
+                body = chat(stream=True)
+                async with streams.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    opened += 1
+                    if opened == 100:
+                        all_open.set()
+                    await resp.aread()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(100):
+                    nursery.start_soon(stream)
+                with trio.fail_after(10):
+                    await all_open.wait()
+                # The probe runs in its own process, like a real liveness probe: timing it
+                # from this (busy) event loop would measure our own client's lag.
+                probe = await trio.run_process(
+                    [PYTHON, str(PROBE), "--probe", info.url + "/health", "--seconds", "2"],
+                    capture_stdout=True,
+                )
+                nursery.cancel_scope.cancel()
+        result = json.loads(probe.stdout)
+        samples = sorted(result["samples"])
+        assert result["failures"] == 0
+        assert len(samples) > 50
+        samples.sort()
+        p99 = samples[int(0.99 * len(samples))]
+        assert p99 < 0.05, samples
