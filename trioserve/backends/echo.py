@@ -110,13 +110,18 @@ def reply_tokens(text: str, count: int) -> list[str]:
 def embed(text: str) -> list[float]:
     """A deterministic vector in [-1, 1] for ``text``, the same in every process.
 
-    Python's ``hash`` is salted per process, so a keyed-free blake2b digest is used instead.
+    Python's ``hash`` is salted per process, so the vector comes from a blake2b digest.
     """
     digest = hashlib.blake2b(text.encode(), digest_size=2 * _EMBEDDING_SIZE).digest()
     return [
         round(int.from_bytes(digest[i : i + 2], "big") / 32767.5 - 1.0, 6)
         for i in range(0, len(digest), 2)
     ]
+
+
+def _error_body(message: str, code: str, kind: str = "invalid_request_error") -> bytes:
+    """OpenAI's error shape, which clients parse to show ``message``."""
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
 class _RequestError(Exception):
@@ -127,7 +132,7 @@ class _RequestError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+        self.body = _error_body(message, code, kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +274,6 @@ class _ChunkFormat:
 # The ASGI adapter
 
 
-def _error_body(message: str, code: str, kind: str) -> bytes:
-    return _RequestError(0, message, code, kind).body
-
-
 async def _send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
     await send(
         {
@@ -393,16 +394,11 @@ class EchoApp:
     ) -> None:
         route = self._routes.get(scope["path"])
         if route is None:
-            body = _error_body(
-                f"No route for {scope['path']}.", "not_found", "invalid_request_error"
-            )
-            await _send_json(send, 404, body)
+            await _send_json(send, 404, _error_body(f"No route for {scope['path']}.", "not_found"))
             return
         if scope["method"] != route.method:
             message = f"{scope['path']} only accepts {route.method}."
-            await _send_json(
-                send, 405, _error_body(message, "method_not_allowed", "invalid_request_error")
-            )
+            await _send_json(send, 405, _error_body(message, "method_not_allowed"))
             return
         if route.needs_model and self._loading:
             body = _error_body("Loading model", "model_loading", "unavailable_error")
@@ -488,8 +484,8 @@ class EchoApp:
             if watcher.client_left:
                 return
             # The last send stays outside the watched scope: hypercorn delivers http.disconnect
-            # from inside it once the response is complete, and a cancellation landing in the
-            # middle of hypercorn's connection recycling would break keep-alive.
+            # from inside it once the response is complete, and a cancellation could land in the
+            # middle of hypercorn's connection recycling and break keep-alive.
             await send({"type": "http.response.body", "body": last_body, "more_body": False})
             finished = True
         finally:
