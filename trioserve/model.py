@@ -14,7 +14,7 @@ from .lifecycle import Lifecycle, State
 from .process import ChildProcess
 from .ringbuffer import OutputRing
 
-__all__ = ["Endpoint", "Lease", "ManagedModel", "StartAttempt"]
+__all__ = ["ChildRun", "Endpoint", "Lease", "ManagedModel", "StartAttempt"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,31 @@ class StartAttempt:
             self.done.set()
 
 
+class ChildRun:
+    """One process of one model, from the start request until it is reaped.
+
+    Owned by one ``_run_child`` task in the supervisor's nursery; everything other tasks need
+    from it (the start to wait for, the scope to cancel, the event that says it is gone) lives
+    here, so a run that ends late can never touch the books of the run that follows it.
+    """
+
+    def __init__(self) -> None:
+        self.attempt = StartAttempt()
+        # Cancels the owning task: unload, eviction, TTL. Shutdown cancels the whole nursery.
+        self.scope = trio.CancelScope()
+        # Set once the process is reaped and its port, slot and store row are given back.
+        self.stopped = trio.Event()
+        self.child: ChildProcess | None = None
+        self.port: int | None = None
+        self.store_row: int | None = None
+        self.holds_slot = False
+        # Why it is being stopped on purpose, and how gently (None: the configured stop_grace).
+        self.stop_reason = ""
+        self.grace: float | None = None
+        # The state already left starting/ready: waiters and leases have been told.
+        self.over = False
+
+
 class Lease:
     """A request's hold on a ready model. While any lease exists the model is not stopped by
     TTL or eviction; a crash cancels every lease's scope so its request ends with 502 at once."""
@@ -72,22 +97,19 @@ class ManagedModel:
     # never spawned before the previous one of the same model is reaped. One per model:
     # different models start in parallel.
     lock: trio.Lock = field(default_factory=trio.Lock)
-    attempt: StartAttempt | None = None
-    endpoint: Endpoint | None = None
-    process: ChildProcess | None = None
-    # Cancels the task that owns the running child (unload, eviction, shutdown).
-    child_scope: trio.CancelScope | None = None
-    stop_reason: str = ""
-    stop_grace: float | None = None
-    stopped: trio.Event = field(default_factory=trio.Event)
+    # The latest run; the one the state describes. An older run may still be reaping its
+    # process (it holds ``lock`` meanwhile), so a new run never spawns before that is done.
+    run: ChildRun | None = None
+    endpoint: Endpoint | None = None  # set only while ready
+    process: ChildProcess | None = None  # the live process, until it is reaped
     leases: set[Lease] = field(default_factory=set)
     lease_changed: trio.Event = field(default_factory=trio.Event)
+    # A process of this model exists or is about to (counts towards max_loaded).
     holds_slot: bool = False
     failed_at: float | None = None  # trio clock
     started_at: float | None = None  # wall clock
     last_used_at: float | None = None  # wall clock
     last_used_clock: float = 0.0  # trio clock, for TTL and LRU
-    store_row: int | None = None
     spawns: int = 0
 
     @property

@@ -14,14 +14,23 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from .ports import listening_inodes
 from .ringbuffer import OutputRing
 
-__all__ = ["ChildProcess", "process_start_time", "read_boot_id"]
+__all__ = ["ChildProcess", "child_env", "listens_on", "process_start_time", "read_boot_id"]
 
 log = logging.getLogger(__name__)
 
-# Children must not talk to systemd as if they were us.
-_SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+# Children must not talk to systemd as if they were us: no notify socket, none of our watchdog
+# settings (WATCHDOG_USEC, WATCHDOG_PID, ...), none of our socket-activation fds.
+_SCRUBBED_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
+_SCRUBBED_PREFIXES = ("WATCHDOG_",)
+# After the group is dead, how long we wait for the end of its output pipe. Only a process that
+# escaped the group (setsid) and kept the pipe open makes us wait this long.
+_DRAIN_LIMIT = 1.0
+# One read from the child's pipe. The pipe itself holds 64 KiB; reading as much keeps a child
+# that writes fast from ever waiting for us.
+_READ_SIZE = 65536
 
 
 def read_boot_id() -> str:
@@ -42,14 +51,61 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+def _holds_socket(pid: int, inodes: set[int]) -> bool:
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") in wanted:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """True when ``pid`` or one of its descendants holds the socket listening on ``port``.
+
+    Blocking (it reads /proc): call it from a worker thread. Answers True when it cannot tell
+    (no permission to look), so a model is never refused for our lack of insight.
+    """
+    import psutil
+
+    try:
+        inodes = listening_inodes(port)
+        if not inodes:
+            return False
+        if _holds_socket(pid, inodes):
+            return True
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if _holds_socket(child.pid, inodes):
+                    return True
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    except PermissionError:
+        return True
+    except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
+        return False
+    return False
+
+
+def _scrubbed(name: str) -> bool:
+    return name in _SCRUBBED_ENV or name.startswith(_SCRUBBED_PREFIXES)
+
+
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(extra)
+    """Our environment plus ``extra``, without systemd's notify, watchdog and socket variables
+    (also when ``extra`` names them: a child speaking for us to systemd is never right)."""
+    env = {k: v for k, v in os.environ.items() if not _scrubbed(k)}
+    env.update({k: v for k, v in extra.items() if not _scrubbed(k)})
     return env
 
 
 class ChildProcess:
-    """A running child. Create with ``await ChildProcess.spawn(...)`` inside a nursery."""
+    """A running child. Create with ``await ChildProcess.spawn(...)`` inside a nursery, and
+    always end it with ``stop`` or ``kill``: its output pump is shielded until then, so the
+    nursery does not exit before the child is reaped."""
 
     def __init__(self, process: trio.Process, argv: Sequence[str], output: OutputRing) -> None:
         self.process = process
@@ -60,6 +116,16 @@ class ChildProcess:
         self.pgid = process.pid
         self.exited = trio.Event()
         self.returncode: int | None = None
+        # Set when the output pipe reached its end (every holder of it is gone).
+        self.output_closed = trio.Event()
+        self._output_changed = trio.Event()
+        # The pump is shielded so that it keeps draining the pipe while the child is being
+        # stopped, even when the stop is part of a cancellation (unload, shutdown): a child that
+        # logs a lot while shutting down must not block on a full pipe and miss its grace, and
+        # its last words belong in the ring. ``stop`` ends it once the group is reaped, which
+        # bounds it.
+        self._pump_scope = trio.CancelScope(shield=True)
+        self._killed = False  # kill_now() was called: a stop skips SIGTERM and grace
 
     @classmethod
     async def spawn(
@@ -89,17 +155,40 @@ class ChildProcess:
         stream = self.process.stdout
         assert stream is not None
         try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                self.output.feed(data)
+            with self._pump_scope:
+                while True:
+                    data = await stream.receive_some(_READ_SIZE)
+                    if not data:
+                        break
+                    self.output.feed(data)
+                    self._output_changed.set()
+                    self._output_changed = trio.Event()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
             self.output.close()
+            self.output_closed.set()
+            self._output_changed.set()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def wait_for_output(self, text: str) -> None:
+        """Return once a line containing ``text`` was written; raise ``EOFError`` if the
+        output ended without one."""
+        while not any(text in line for line in self.output.tail()):
+            if self.output_closed.is_set():
+                raise EOFError(f"pid {self.pid} never wrote {text!r}")
+            await self._output_changed.wait()
+
+    async def drain_output(self, limit: float = _DRAIN_LIMIT) -> None:
+        """Wait (at most ``limit`` seconds) until everything the child wrote is in the ring.
+
+        The exit of a process (its pidfd) can be seen before the last bytes it wrote have been
+        read from the pipe: an error message quoting its last lines must wait for the pipe's
+        end, or it would miss the traceback that explains the exit.
+        """
+        with trio.move_on_after(limit):
+            await self.output_closed.wait()
 
     async def _watch_exit(self) -> None:
         # Process.wait() waits on a pidfd on Linux: we learn of the exit at once, no polling.
@@ -114,6 +203,11 @@ class ChildProcess:
         except PermissionError:  # the pgid is no longer ours: the group is gone
             pass
 
+    def kill_now(self) -> None:
+        """SIGKILL the group without waiting; a ``stop`` in progress then ends at once."""
+        self._killed = True
+        self.signal_group(signal.SIGKILL)
+
     async def stop(self, grace: float) -> int:
         """SIGTERM the group, wait ``grace``, SIGKILL the group; return the exit code.
 
@@ -122,18 +216,26 @@ class ChildProcess:
         # We wait on the process directly, not on `exited`: the task that sets `exited` may
         # have been cancelled along with everything else when the daemon shuts down.
         with trio.CancelScope(shield=True):
-            if self.process.returncode is None:
+            if self.process.returncode is None and not self._killed:
                 self.signal_group(signal.SIGTERM)
                 with trio.move_on_after(grace):
                     await self.process.wait()
+                    # The rest of the group (workers the child started) has the same grace
+                    # to finish: they share the output pipe, whose end says they are all gone.
+                    await self.output_closed.wait()
             # Whatever is still in the group (the child itself, or grandchildren that outlived
             # it) is killed: the group is the model's, and nothing of it may survive a stop.
             self.signal_group(signal.SIGKILL)
             code = await self.process.wait()
             self.returncode = code
             self.exited.set()
+            # With the whole group dead the pipe ends at once, unless something that left the
+            # group still holds it; then we stop reading rather than wait for it.
+            await self.drain_output()
+            self._pump_scope.cancel()
         return code
 
     async def kill(self) -> int:
         """SIGKILL the group at once and reap."""
+        self.kill_now()
         return await self.stop(0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -30,6 +31,8 @@ __all__ = [
     "StateStore",
     "StoreWriter",
 ]
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS daemon (
@@ -270,7 +273,9 @@ class StoreWriter:
     def submit(self, fn: Callable[[], object]) -> None:
         # The store is a record, not the source of truth; losing a write under extreme
         # load beats stalling the event loop. `cleanup` also finds children by marker.
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+        with contextlib.suppress(
+            trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+        ):
             self._send.send_nowait(fn)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
@@ -283,13 +288,26 @@ class StoreWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with self._receive:
-            async for fn in self._receive:
-                # Shielded: a write that has begun is finished even during shutdown.
+            try:
+                async for fn in self._receive:
+                    await self._write(fn)
+            finally:
+                # Cancelled (the daemon is going away): what was submitted is still written,
+                # e.g. the rows that say the children were stopped. Bounded: the channel
+                # holds at most its buffer, and nothing new can be waited for here.
                 with trio.CancelScope(shield=True):
-                    async with self._lock:
+                    while True:
                         try:
-                            await trio.to_thread.run_sync(fn)
-                        except Exception:  # a broken disk must not take the daemon down
-                            import logging
+                            fn = self._receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await self._write(fn)
 
-                            logging.getLogger(__name__).exception("state store write failed")
+    async def _write(self, fn: Callable[[], object]) -> None:
+        # Shielded: a write that has begun is finished even during shutdown.
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                try:
+                    await trio.to_thread.run_sync(fn)
+                except Exception:  # a broken disk must not take the daemon down
+                    log.exception("state store write failed")
