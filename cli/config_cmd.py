@@ -10,7 +10,7 @@ import typer
 
 from trioserve.config import resolved_dict
 
-from .common import config_path, load_or_exit, out_console
+from .common import config_path, load_or_exit
 
 app = typer.Typer(help="Check configs.", no_args_is_help=True)
 
@@ -23,5 +23,5 @@ def check(
 ) -> None:
     """Validate a config and print it resolved (paths expanded, placeholders filled)."""
     config = load_or_exit(config_path(path))
-    out_console.print(json.dumps(resolved_dict(config), indent=2), markup=False)
-    out_console.print(f"{config.source}: ok", markup=False)
+    typer.echo(json.dumps(resolved_dict(config), indent=2))
+    typer.echo(f"{config.source}: ok")

@@ -1,20 +1,28 @@
-"""``trioserve start`` (and the commands that find the daemon through the state store)."""
+"""``trioserve start`` and ``trioserve stop``: running the daemon, and stopping it through the
+state store."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Annotated
 
 import trio
 import typer
 
+from trioserve.cleanup import live_daemon, lock_holder, same_process
 from trioserve.config import Config
-from trioserve.daemon import DaemonError, run_daemon
-from trioserve.store import InstanceLocked
+from trioserve.store import DaemonRow, StateStore
 
-from .common import ConfigOption, die, load_or_exit
+from .common import EXIT_FAILURE, ConfigOption, die, load_or_exit, make_console, store_errors
 
 __all__ = ["register"]
+
+# Waiting for a process that is not our child, when pidfd is not available (Linux < 5.3).
+_EXIT_POLL = 0.1
+# Beyond the config's own shutdown_grace + stop_grace: interpreter exit, store writes.
+_STOP_SLACK = 10.0
 
 
 def _with_overrides(config: Config, host: str | None, port: int | None) -> Config:
@@ -36,18 +44,126 @@ def start(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run the daemon in the foreground (systemd notify when NOTIFY_SOCKET is set)."""
+    # Imported here: the server stack (Quart, Hypercorn) is heavy, and no other command needs it.
+    from trioserve.daemon import DaemonError, run_daemon
+
     config = _with_overrides(load_or_exit(config_file), host, port)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        die(f"--log-level: unknown level {log_level!r}", 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         trio.run(lambda: run_daemon(config, insecure=insecure))
-    except (DaemonError, InstanceLocked) as exc:
-        die(str(exc), 1)
+    except DaemonError as exc:
+        die(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         # A second Ctrl-C: children were still stopped by their shielded cleanup.
         raise typer.Exit(130) from None
 
 
+class _NotAllowed(Exception):
+    def __init__(self, pid: int) -> None:
+        super().__init__(
+            f"not allowed to signal trioserve pid {pid} (it runs as another user); "
+            "run this as that user or root, or use: systemctl stop trioserve"
+        )
+
+
+async def _terminate(row: DaemonRow) -> None:
+    """SIGTERM the daemon of ``row`` and return once it has exited (the caller sets the limit).
+
+    The pid is pinned with a pidfd before its identity is checked, so the signal cannot reach
+    a process that reused the pid in between.
+    """
+    try:
+        pidfd = os.pidfd_open(row.pid)
+    except ProcessLookupError:
+        return
+    except (OSError, AttributeError):  # Linux < 5.3
+        await _terminate_by_polling(row)
+        return
+    try:
+        if not same_process(row.pid, row.pid_start_time, row.boot_id):
+            return  # exited (and the pid maybe reused) since we looked it up
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            raise _NotAllowed(row.pid) from None
+        # A pidfd becomes readable when the process exits: an event, not a poll.
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def _terminate_by_polling(row: DaemonRow) -> None:
+    if not same_process(row.pid, row.pid_start_time, row.boot_id):
+        return
+    try:
+        os.kill(row.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        raise _NotAllowed(row.pid) from None
+    # Not our child and no pidfd: there is nothing to wait on but the process table.
+    while same_process(row.pid, row.pid_start_time, row.boot_id):  # noqa: ASYNC110
+        await trio.sleep(_EXIT_POLL)
+
+
+def stop(
+    config_file: ConfigOption = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds to wait for it to exit [default: shutdown_grace + stop_grace + 10]",
+            show_default=False,
+            min=0,
+        ),
+    ] = None,
+) -> None:
+    """Stop the running daemon (found through the state store) and wait until it has exited."""
+    config = load_or_exit(config_file)
+    state_dir = config.state_dir
+    with store_errors(state_dir):
+        row = live_daemon(StateStore(state_dir))
+    if row is None:
+        holder = lock_holder(state_dir)
+        if holder:
+            die(
+                f"pid {holder} holds {state_dir / 'trioserve.lock'} but no running daemon is "
+                f"recorded in the state store; if it is trioserve, stop it with: kill {holder}"
+            )
+        die(f"no daemon is running for state_dir {state_dir}")
+    limit = timeout
+    if limit is None:
+        limit = config.server.shutdown_grace + config.supervisor.stop_grace + _STOP_SLACK
+    out = make_console()
+    out.print(
+        f"stopping trioserve pid {row.pid} ({row.url}, instance {row.instance})…", markup=False
+    )
+    try:
+        stopped, elapsed = trio.run(_timed_terminate, row, limit)
+    except _NotAllowed as exc:
+        die(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if not stopped:
+        die(
+            f"trioserve pid {row.pid} is still running after {limit:g}s (it may still be "
+            f"stopping models); force it with: kill -KILL {row.pid}, then: trioserve cleanup"
+        )
+    out.print(f"trioserve pid {row.pid} stopped ({elapsed:.1f}s)", markup=False)
+
+
+async def _timed_terminate(row: DaemonRow, limit: float) -> tuple[bool, float]:
+    begin = trio.current_time()
+    with trio.move_on_after(limit):
+        await _terminate(row)
+        return True, trio.current_time() - begin
+    return False, limit
+
+
 def register(app: typer.Typer) -> None:
     app.command("start")(start)
+    app.command("stop")(stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import client_cmds, config_cmd, daemon_cmds
+from . import cleanup_cmd, client_cmds, config_cmd, daemon_cmds, status_cmd
 
 __all__ = ["app", "main"]
 
@@ -16,6 +16,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 daemon_cmds.register(app)
+status_cmd.register(app)
+cleanup_cmd.register(app)
 client_cmds.register(app)
 app.add_typer(config_cmd.app, name="config")
 

@@ -12,7 +12,9 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import trio
@@ -20,7 +22,7 @@ from hypercorn.trio import serve
 
 from . import __version__
 from .admin import build_admin_app
-from .cleanup import reclaim_leftovers
+from .cleanup import live_daemon, reclaim_leftovers
 from .config import Config, is_loopback
 from .events import EventBus
 from .gateway import Gateway
@@ -29,12 +31,14 @@ from .metrics import Metrics
 from .notify import SystemdNotifier
 from .process import process_start_time, read_boot_id
 from .relay import Relay
-from .store import DaemonRow, InstanceLock, StateStore, StoreWriter
+from .store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
 from .supervisor import Supervisor
 
 __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 
 log = logging.getLogger("trioserve")
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class DaemonError(Exception):
@@ -50,6 +54,14 @@ class DaemonInfo:
 
 def _url_for(bind: str) -> str:
     return bind if bind.startswith("http") else f"http://{bind}"
+
+
+def _configured_url(config: Config) -> str:
+    """The URL before binding (port 0 is corrected once the listener is bound)."""
+    host = config.server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
 
 
 async def run_daemon(
@@ -70,34 +82,113 @@ async def run_daemon(
     lock = InstanceLock(state_dir)
     try:
         lock.acquire()
+    except InstanceLocked as exc:
+        message = await trio.to_thread.run_sync(_already_running, state_dir, exc)
+        raise DaemonError(message) from None
     except OSError as exc:
         raise DaemonError(f"cannot use state_dir {state_dir}: {exc}") from exc
     try:
         await _run_locked(config, state_dir, shutdown_trigger, task_status)
+    except BaseExceptionGroup as group:
+        # Nurseries (ours and Hypercorn's) wrap everything in groups; a refusal to start or a
+        # second Ctrl-C is one plain exception to the caller, so the CLI can print one line.
+        for kind in (KeyboardInterrupt, DaemonError):
+            leaf = _leaf(group, kind)
+            if leaf is not None:
+                raise leaf from group
+        raise
     finally:
         lock.release()
 
 
+def _leaf(error: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of ``kind`` in ``error`` or, recursively, in its groups."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def _already_running(state_dir: Path, exc: InstanceLocked) -> str:
+    """Name the daemon that holds the lock: pid, instance and URL from the state store."""
+    try:
+        row = live_daemon(StateStore(state_dir))
+    except Exception:  # a broken store must not hide the real message
+        row = None
+    if row is None:
+        return str(exc)
+    return (
+        f"state_dir {state_dir} is already used by a running daemon: pid {row.pid}, "
+        f"instance {row.instance}, {row.url}; stop it first (trioserve stop) or use another "
+        "state_dir"
+    )
+
+
 async def _run_locked(
     config: Config,
-    state_dir: os.PathLike[str] | str,
+    state_dir: Path,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
-    from pathlib import Path
-
-    store = StateStore(Path(state_dir))
+    store = StateStore(state_dir)
     instance = uuid.uuid4().hex[:12]
     notifier = SystemdNotifier.from_env()
-    reclaimed = await trio.to_thread.run_sync(
-        lambda: reclaim_leftovers(store, live_instance=instance, grace=config.supervisor.stop_grace)
+    pid = os.getpid()
+    started_at = time.time()
+    row = DaemonRow(
+        instance=instance,
+        pid=pid,
+        pid_start_time=process_start_time(pid),
+        boot_id=read_boot_id(),
+        url=_configured_url(config),
+        started_at=started_at,
+        stopped_at=None,
     )
-    for line in reclaimed:
-        log.warning("startup cleanup: %s", line)
+    # Recorded before anything else, so `trioserve stop` and `cleanup` see this daemon (and
+    # leave its children alone) from its first moment; the URL is corrected once bound.
+    await trio.to_thread.run_sync(store.record_daemon, row)
+    writer = StoreWriter(store)
+    try:
+        reclaimed = await trio.to_thread.run_sync(
+            lambda: reclaim_leftovers(
+                store, live_instance=instance, grace=config.supervisor.stop_grace
+            )
+        )
+        for line in reclaimed:
+            log.warning("startup cleanup: %s", line)
+        # The writer lives in a nursery of its own, outside everything that submits to it:
+        # when the rest has finished, it is closed and drains what is queued (children's final
+        # states) instead of being cancelled with those writes still pending.
+        async with trio.open_nursery() as store_nursery:
+            await store_nursery.start(writer.run)
+            try:
+                await _serve(
+                    config, instance, row, store, writer, notifier, shutdown_trigger, task_status
+                )
+            finally:
+                writer.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.daemon_stopped, instance)
+    log.info("trioserve stopped")
 
+
+async def _serve(
+    config: Config,
+    instance: str,
+    row: DaemonRow,
+    store: StateStore,
+    writer: StoreWriter,
+    notifier: SystemdNotifier,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[DaemonInfo],
+) -> None:
     metrics = Metrics()
     events = EventBus()
-    writer = StoreWriter(store)
     stop_requested = trio.Event()
 
     async def trigger() -> None:
@@ -115,7 +206,6 @@ async def _run_locked(
             nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as outer:
-        await outer.start(writer.run)
         outer.start_soon(_watch_signals, stop_requested)
         async with trio.open_nursery() as core:
             supervisor = Supervisor(config, instance=instance, events=events, store=writer)
@@ -130,15 +220,14 @@ async def _run_locked(
             async with httpx.AsyncClient(
                 trust_env=False, limits=limits, timeout=httpx.Timeout(None)
             ) as http:
-                started_at = time.time()
                 admin = build_admin_app(
                     config,
                     supervisor,
                     metrics,
                     instance=instance,
-                    started_at=started_at,
+                    started_at=row.started_at,
                     version=__version__,
-                    pid=os.getpid(),
+                    pid=row.pid,
                 )
                 gateway = Gateway(config, Relay(config, supervisor, http, metrics), admin)
                 hyper = hypercorn_config(config)
@@ -157,40 +246,32 @@ async def _run_locked(
 
                 try:
                     binds = await core.start(run_server)
-                except OSError as exc:
+                except (OSError, BaseExceptionGroup) as exc:
+                    bind_error = _leaf(exc, OSError)
+                    if bind_error is None:
+                        raise
                     raise DaemonError(
                         f"cannot listen on {config.server.host}:{config.server.port}: "
-                        f"{exc.strerror or exc}"
+                        f"{bind_error.strerror or bind_error}"
                     ) from exc
-                url = _url_for(binds[0]) if binds else f"http://{config.server.host}"
-                pid = os.getpid()
-                row = DaemonRow(
-                    instance=instance,
-                    pid=pid,
-                    pid_start_time=process_start_time(pid),
-                    boot_id=read_boot_id(),
-                    url=url,
-                    started_at=started_at,
-                    stopped_at=None,
-                )
-                await writer.call(lambda: store.record_daemon(row))
+                url = _url_for(binds[0]) if binds else row.url
+                bound = replace(row, url=url)
+                await writer.call(lambda: store.record_daemon(bound))
                 log.info("trioserve %s listening on %s (instance %s)", __version__, url, instance)
+                # READY only now: the listener is bound and the startup cleanup is done.
                 await notifier.ready(status=_status_line(supervisor))
                 await core.start(notifier.run_watchdog)
                 core.start_soon(_report_status, notifier, supervisor)
                 task_status.started(DaemonInfo(instance, url, supervisor))
                 await stop_requested.wait()
                 log.info("shutting down: draining requests, then stopping models")
-                await notifier.stopping()
+                await notifier.stopping(status="stopping: draining requests, then models")
                 # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
                 # is cancelled, which stops every child in parallel and reaps it.
                 with trio.move_on_after(config.server.shutdown_grace + 1):
                     await served.wait()
                 core.cancel_scope.cancel()
-        await writer.call(lambda: store.daemon_stopped(instance))
-        writer.close()
         outer.cancel_scope.cancel()
-    log.info("trioserve stopped")
 
 
 async def _watch_signals(stop_requested: trio.Event) -> None:

@@ -1,0 +1,149 @@
+"""``trioserve status``: the daemon's models, or what the state store says a dead one left."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import trio
+import typer
+
+from trioserve.cleanup import Leftover, find_leftovers, live_daemon
+from trioserve.config import Config, load_config
+from trioserve.errors import ConfigError
+from trioserve.store import DaemonRow, StateStore
+
+from .client import ClientError, DaemonClient, NoDaemon, base_url
+from .common import (
+    EXIT_NO_DAEMON,
+    ApiKeyOption,
+    ConfigOption,
+    JsonOption,
+    UrlOption,
+    config_path,
+    die,
+    load_or_exit,
+    make_console,
+)
+from .tables import duration, leftovers_table, models_table
+
+__all__ = ["register"]
+
+
+def _load_config(path: Path | None) -> tuple[Config | None, str | None]:
+    """The config named by --config / TRIOSERVE_CONFIG (exit 2 if it is invalid), else the
+    default one if it is there: status works without any config while a daemon answers."""
+    if path is not None:
+        return load_or_exit(path), None
+    try:
+        return load_config(config_path(None)), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+def _daemon_url(url: str | None, config: Config | None) -> str:
+    """``--url`` / TRIOSERVE_URL, else the URL the running daemon of the config recorded."""
+    if url or config is None:
+        return base_url(url)
+    try:
+        running = live_daemon(StateStore(config.state_dir))
+    except Exception:  # an unreadable store: fall back to the default URL
+        running = None
+    return base_url(running.url if running is not None else None)
+
+
+async def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
+    async with DaemonClient(url, api_key) as client:
+        status = await client.get_json("/admin/status")
+    if not isinstance(status, dict) or "models" not in status:
+        raise ClientError(f"{url}/admin/status is not a trioserve status (wrong --url?)")
+    return status
+
+
+def _daemon_dict(row: DaemonRow | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {"pid": row.pid, "instance": row.instance, "url": row.url, "started_at": row.started_at}
+
+
+def _no_daemon(url: str, config: Config | None, config_error: str | None, as_json: bool) -> None:
+    """Say no daemon answers, list what the state store still records, exit 3."""
+    running: DaemonRow | None = None
+    leftovers: list[Leftover] = []
+    state_dir = str(config.state_dir) if config is not None else None
+    if config is not None:
+        store = StateStore(config.state_dir)
+        try:
+            running = live_daemon(store)
+            leftovers = find_leftovers(store, live=running.instance if running else None)
+        except (sqlite3.Error, OSError) as exc:
+            config_error = f"{config.state_dir}: {exc}"
+            config = None
+    if as_json:
+        report = {
+            "daemon": None,
+            "url": url,
+            "state_dir": state_dir,
+            "error": config_error,
+            "running_daemon": _daemon_dict(running),
+            "leftovers": [item.as_dict() for item in leftovers],
+        }
+        typer.echo(json.dumps(report, indent=2))
+        raise typer.Exit(EXIT_NO_DAEMON)
+    out = make_console()
+    out.print(f"no daemon answers at {url}", markup=False)
+    if config is None:
+        out.print(f"cannot look in the state store: {config_error}", markup=False)
+        raise typer.Exit(EXIT_NO_DAEMON)
+    if running is not None:
+        out.print(
+            f"a daemon is running for {config.state_dir}: pid {running.pid}, {running.url} "
+            f"(instance {running.instance}); try --url {running.url}",
+            markup=False,
+        )
+    alive = [item for item in leftovers if item.alive]
+    if not leftovers:
+        out.print(f"the state store ({config.state_dir}) records no model process", markup=False)
+    else:
+        out.print(f"the state store ({config.state_dir}) records:", markup=False)
+        out.print(leftovers_table(leftovers))
+        if alive:
+            out.print(
+                f"{len(alive)} model process(es) still running without a daemon: "
+                "`trioserve cleanup` kills them",
+                markup=False,
+            )
+    raise typer.Exit(EXIT_NO_DAEMON)
+
+
+def status(
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Show the daemon's models; exit 3 (listing leftovers) when no daemon answers."""
+    config, config_error = _load_config(config_file)
+    target = _daemon_url(url, config)
+    try:
+        answer = trio.run(_fetch, target, api_key)
+    except NoDaemon:
+        _no_daemon(target, config, config_error, as_json)
+    except ClientError as exc:
+        die(str(exc))
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    out = make_console()
+    out.print(
+        f"trioserve {answer.get('version', '?')} at {target}: pid {answer.get('pid')}, "
+        f"instance {answer.get('instance')}, up {duration(answer.get('uptime_s'))}",
+        markup=False,
+    )
+    out.print(models_table(answer))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)

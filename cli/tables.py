@@ -1,0 +1,104 @@
+"""Rich tables shared by ``status`` and ``cleanup``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from rich.table import Table
+
+from trioserve.cleanup import Leftover
+
+__all__ = ["duration", "first_line", "leftovers_table", "models_table"]
+
+_LAST_ERROR_CHARS = 80
+
+
+def duration(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``3d04h``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def first_line(text: str | None, limit: int = _LAST_ERROR_CHARS) -> str:
+    """The first line of ``text``, cut to ``limit`` characters (an error can be 20 lines)."""
+    if not text:
+        return "-"
+    lines = text.strip().splitlines() or [""]
+    line = lines[0]
+    if len(line) > limit or len(lines) > 1:
+        line = line[: limit - 1].rstrip() + "…"
+    return line
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def models_table(status: Mapping[str, Any]) -> Table:
+    """The models of an ``/admin/status`` answer."""
+    # The daemon's clock, not ours: uptime is its "now" minus the model's start.
+    now = float(status.get("started_at") or 0) + float(status.get("uptime_s") or 0)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("MODEL", "STATE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "UPTIME", "RESTARTS"):
+        if column in ("PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS"):
+            table.add_column(column, justify="right", no_wrap=True)
+        else:
+            table.add_column(column, no_wrap=True)
+    table.add_column("LAST ERROR", overflow="fold")
+    models: Mapping[str, Mapping[str, Any]] = status.get("models") or {}
+    for name, model in models.items():
+        started = model.get("started_at")
+        table.add_row(
+            name,
+            _cell(model.get("state")),
+            _cell(model.get("pid")),
+            _cell(model.get("port")),
+            _cell(model.get("in_flight")),
+            _cell(model.get("queued")),
+            duration(now - float(started))
+            if started is not None and model.get("pid") is not None
+            else "-",
+            _cell(model.get("restarts")),
+            first_line(model.get("last_error")),
+        )
+    return table
+
+
+def leftovers_table(items: Iterable[Leftover], *, outcome: bool = False) -> Table:
+    """Processes (and store rows) left by a daemon that is gone."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("MODEL", no_wrap=True)
+    table.add_column("PID", justify="right", no_wrap=True)
+    table.add_column("PORT", justify="right", no_wrap=True)
+    table.add_column("INSTANCE", no_wrap=True)
+    table.add_column("ALIVE", no_wrap=True)
+    table.add_column("FOUND BY", no_wrap=True)
+    if outcome:
+        table.add_column("DONE", no_wrap=True)
+    table.add_column("NOTE", overflow="fold")
+    for item in items:
+        row = [
+            item.model,
+            str(item.pid),
+            _cell(item.port),
+            item.instance,
+            "yes" if item.alive else "no",
+            item.source,
+        ]
+        if outcome:
+            row.append(item.outcome)
+        row.append(item.note)
+        table.add_row(*row)
+    return table

@@ -1,0 +1,222 @@
+"""The installed `trioserve` console script against a real daemon subprocess: status, stop,
+cleanup after a SIGKILLed daemon, cleanup beside a live one, logs --follow."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    TRIOSERVE_BIN,
+    DaemonProcess,
+    clean_env,
+    daemon_config,
+    echo_cmd,
+    processes_of_state_dir,
+)
+
+
+def trioserve(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TRIOSERVE_BIN), *args],
+        env=clean_env(),
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def two_model_daemon(
+    tmp_path: Path, spawn_daemon: Any
+) -> tuple[DaemonProcess, Path, dict[str, int]]:
+    config, url = daemon_config(
+        tmp_path / "c.toml",
+        tmp_path / "state",
+        {"alpha": {"cmd": echo_cmd()}, "beta": {"cmd": echo_cmd()}},
+    )
+    daemon = spawn_daemon(config, url)
+    pids = {}
+    for name in ("alpha", "beta"):
+        daemon.load(name)
+        pids[name] = daemon.status()["models"][name]["pid"]
+    return daemon, config, pids
+
+
+@pytest.mark.slow
+def test_sigkilled_daemon_leftovers_status_then_cleanup(tmp_path: Path, spawn_daemon: Any) -> None:
+    daemon, config, pids = two_model_daemon(tmp_path, spawn_daemon)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.wait()
+    assert all(running(pid) for pid in pids.values())
+
+    status = trioserve("status", "--url", daemon.url, "--config", str(config))
+    assert status.returncode == 3, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == f"no daemon answers at {daemon.url}"
+    for name, pid in pids.items():
+        [row] = [line.split() for line in lines if line.startswith(f"{name} ")]
+        assert row[1] == str(pid)
+        assert row[4] == "yes"  # ALIVE
+    assert "2 model process(es) still running without a daemon" in status.stdout
+
+    as_json = trioserve("status", "--json", "--url", daemon.url, "--config", str(config))
+    assert as_json.returncode == 3
+    report = json.loads(as_json.stdout)
+    assert report["daemon"] is None
+    assert {(item["model"], item["pid"], item["alive"]) for item in report["leftovers"]} == {
+        ("alpha", pids["alpha"], True),
+        ("beta", pids["beta"], True),
+    }
+
+    dry = trioserve("cleanup", "--dry-run", "--config", str(config))
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: would kill 2 process group(s)" in dry.stdout
+    assert all(running(pid) for pid in pids.values())
+
+    refused = trioserve("cleanup", "--config", str(config))  # stdin is not a terminal
+    assert refused.returncode == 2
+    assert "pass --yes" in refused.stderr
+    assert all(running(pid) for pid in pids.values())
+
+    done = trioserve("cleanup", "--yes", "--config", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "killed 2 process group(s); nothing is left" in done.stdout
+    assert not any(running(pid) for pid in pids.values())
+    assert processes_of_state_dir(tmp_path) == []
+
+    after = trioserve("status", "--url", daemon.url, "--config", str(config))
+    assert after.returncode == 3
+    assert "records no model process" in after.stdout
+    again = trioserve("cleanup", "--yes", "--config", str(config))
+    assert again.returncode == 0
+    assert again.stdout.strip() == f"nothing to clean up for {tmp_path / 'state'}"
+
+
+def test_cleanup_beside_a_live_daemon_leaves_its_children_alone(
+    tmp_path: Path, spawn_daemon: Any
+) -> None:
+    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    daemon = spawn_daemon(config, url)
+    daemon.load("echo")
+    pid = daemon.status()["models"]["echo"]["pid"]
+    result = trioserve("cleanup", "--yes", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"a daemon is running for {tmp_path / 'state'} (pid {daemon.pid}, {url}): "
+        "its models are left alone",
+        f"nothing to clean up for {tmp_path / 'state'}",
+    ]
+    assert running(pid)
+    assert daemon.status()["models"]["echo"]["state"] == "ready"
+
+
+@pytest.mark.slow
+def test_status_then_stop_through_the_console_script(tmp_path: Path, spawn_daemon: Any) -> None:
+    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    daemon = spawn_daemon(config, url)
+    daemon.load("echo")
+    child = daemon.status()["models"]["echo"]["pid"]
+
+    status = trioserve("status", "--url", url)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0].startswith(f"trioserve 0.1.0 at {url}: pid {daemon.pid}")
+    assert status.stdout.splitlines()[2].split()[:3] == ["echo", "ready", str(child)]
+
+    stop = trioserve("stop", "--config", str(config))
+    assert stop.returncode == 0, stop.stderr
+    assert f"trioserve pid {daemon.pid} stopped" in stop.stdout
+    assert daemon.wait(timeout=1) == 0
+    assert not running(child)
+
+    gone = trioserve("status", "--url", url, "--config", str(config))
+    assert gone.returncode == 3
+    assert gone.stdout.splitlines()[0] == f"no daemon answers at {url}"
+    assert trioserve("stop", "--config", str(config)).returncode == 1
+
+
+class LineReader:
+    """Lines from a pipe, with a deadline. Reads the raw fd: a buffered text stream may hold
+    lines that select() cannot see."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = b""
+
+    def until(self, done: Callable[[list[str]], bool], timeout: float = 20) -> list[str]:
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while not done(lines):
+            if b"\n" in self.pending:
+                line, self.pending = self.pending.split(b"\n", 1)
+                lines.append(line.decode())
+                continue
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"timed out; got {lines}"
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"follow ended early; got {lines}"
+                self.pending += chunk
+        return lines
+
+
+def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_daemon: Any) -> None:
+    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    daemon = spawn_daemon(config, url)
+    daemon.load("echo")
+    follow = subprocess.Popen(
+        [str(TRIOSERVE_BIN), "logs", "echo", "--follow", "--url", url],
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert follow.stdout is not None
+    reader = LineReader(follow.stdout.fileno())
+    try:
+
+        def starts(lines: list[str]) -> int:
+            return sum(line.startswith("--- trioserve: starting echo") for line in lines)
+
+        first = reader.until(lambda lines: any("Running on" in x for x in lines))
+        assert starts(first) == 1
+        # Restart the model: its output ring gets a second "starting" line and more.
+        httpx.post(f"{url}/admin/models/echo/unload", trust_env=False, timeout=30)
+        daemon.load("echo")
+        more = reader.until(
+            lambda lines: starts(lines) == 1 and any("Running on" in x for x in lines)
+        )
+        # Nothing printed twice: exactly one new "starting" line and what followed it.
+        assert starts(more) == 1
+        assert not set(first) & set(more), (first, more)
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=10) == 0
+        assert follow.stderr is not None
+        assert b"Traceback" not in follow.stderr.read()
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+        for stream in (follow.stdout, follow.stderr):
+            if stream is not None:
+                stream.close()
