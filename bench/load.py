@@ -33,7 +33,7 @@ TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
 
 
 def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -188,54 +188,103 @@ def _scenarios(
 
     if "a" in args.only:
         d, r, _, _ = _both(
-            base("slow"), url, chat,
+            base("slow"),
+            url,
+            chat,
             ["--concurrency", "10", "--requests", "10", "--body", _body("slow", False)],
         )
         mean_d = statistics.mean(d["latencies"]) if d["latencies"] else float("nan")
         mean_r = statistics.mean(r["latencies"]) if r["latencies"] else float("nan")
-        rows.append(("a", "10 users × 5 s: completed", f"{r['completed']}/10",
-                     f"direct {d['completed']}/10", ""))
-        rows.append(("a", "mean latency ÷ 5 s", f"{mean_r / 5:.3f}", f"direct {mean_d / 5:.3f}",
-                     f"{mean_r / mean_d:.3f}×"))
+        rows.append(
+            (
+                "a",
+                "10 users × 5 s: completed",
+                f"{r['completed']}/10",
+                f"direct {d['completed']}/10",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "a",
+                "mean latency ÷ 5 s",
+                f"{mean_r / 5:.3f}",
+                f"direct {mean_d / 5:.3f}",
+                f"{mean_r / mean_d:.3f}×",
+            )
+        )
     if "b" in args.only:
         n = str(args.streams)
         d, r, pd, pr = _both(
-            base("stream"), url, chat,
+            base("stream"),
+            url,
+            chat,
             ["--concurrency", n, "--requests", n, "--body", _body("stream", True)],
-            probe=True, probe_s=3,
+            probe=True,
+            probe_s=3,
         )
-        rows.append(("b", f"{n} streams: completed", f"{100 * r['completed'] / int(n):.1f}%",
-                     f"direct {100 * d['completed'] / int(n):.1f}%", ""))
+        rows.append(
+            (
+                "b",
+                f"{n} streams: completed",
+                f"{100 * r['completed'] / int(n):.1f}%",
+                f"direct {100 * d['completed'] / int(n):.1f}%",
+                "",
+            )
+        )
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             vr, vd = _pct(r["latencies"], q), _pct(d["latencies"], q)
-            rows.append(("b", f"stream latency {label}", f"{vr:.2f} s", f"direct {vd:.2f} s",
-                         f"{vr / vd:.3f}×"))
+            rows.append(
+                (
+                    "b",
+                    f"stream latency {label}",
+                    f"{vr:.2f} s",
+                    f"direct {vd:.2f} s",
+                    f"{vr / vd:.3f}×",
+                )
+            )
         assert pr is not None and pd is not None
         for q, label in ((0.5, "p50"), (0.99, "p99")):
-            rows.append((
-                "b", f"/health {label} under load",
-                f"{1000 * _pct(pr['samples'], q):.1f} ms",
-                f"backend's own {1000 * _pct(pd['samples'], q):.1f} ms", "",
-            ))
+            rows.append(
+                (
+                    "b",
+                    f"/health {label} under load",
+                    f"{1000 * _pct(pr['samples'], q):.1f} ms",
+                    f"backend's own {1000 * _pct(pd['samples'], q):.1f} ms",
+                    "",
+                )
+            )
     if "c" in args.only:
         d, r, _, _ = _both(
-            base("tiny"), url, chat,
+            base("tiny"),
+            url,
+            chat,
             ["--concurrency", "1", "--requests", "1000", "--body", _body("tiny", False)],
         )
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             added = 1000 * (_pct(r["latencies"], q) - _pct(d["latencies"], q))
-            rows.append(("c", f"added latency {label}", f"{added:.2f} ms",
-                         f"direct {1000 * _pct(d['latencies'], q):.2f} ms", ""))
+            rows.append(
+                (
+                    "c",
+                    f"added latency {label}",
+                    f"{added:.2f} ms",
+                    f"direct {1000 * _pct(d['latencies'], q):.2f} ms",
+                    "",
+                )
+            )
     if "d" in args.only:
         cpu = _CpuWatch([daemon_pid, _pid_on_port(ports["fast"])])
         d, r, _, _ = _both(
-            base("fast"), url, chat,
+            base("fast"),
+            url,
+            chat,
             ["--concurrency", "64", "--requests", "64", "--body", _body("fast", True)],
         )
         cpu.stop()
         cd, cr = d["events"] / d["wall_s"], r["events"] / r["wall_s"]
-        rows.append(("d", "64 streams, chunks/s", f"{cr:,.0f}", f"direct {cd:,.0f}",
-                     f"{cr / cd:.3f}×"))
+        rows.append(
+            ("d", "64 streams, chunks/s", f"{cr:,.0f}", f"direct {cd:,.0f}", f"{cr / cd:.3f}×")
+        )
         rows.append(("d", "CPU s (daemon, backend)", cpu.summary(), "", ""))
     return rows
 

@@ -87,7 +87,7 @@ async def test_health_stays_fast_while_a_hundred_slow_streams_are_open(state_dir
         result = json.loads(probe.stdout)
         samples = sorted(result["samples"])
         assert result["failures"] == 0
-        assert len(samples) > 50
+        assert len(samples) > 20
         samples.sort()
         p99 = samples[int(0.99 * len(samples))]
         assert p99 < 0.05, samples

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import TrioserveError
 
 __all__ = [
+    "Message",
     "Receive",
     "Scope",
     "Send",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .asgi import Receive, Scope, Send, bearer_ok, send_error
+import trio
+
+from .asgi import Message, Receive, Scope, Send, bearer_ok, send_error
 from .config import Config
 from .errors import InvalidApiKey
 from .relay import Relay, RelayPaths
@@ -44,4 +46,35 @@ class Gateway:
                     return
                 await self.relay(scope, receive, send)
                 return
-        await self.admin_app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.admin_app(scope, receive, send)
+            return
+        await self._admin(scope, receive, send)
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the Quart-Trio app, holding back ``http.disconnect`` until its last send is
+        done: Hypercorn queues the disconnect from inside that send, and Quart-Trio cancels
+        its request task when it sees one, which would land inside Hypercorn's send and leave
+        a ``Connection: close`` socket open."""
+        last_send_done = trio.Event()
+        in_last_send = False
+
+        async def guarded_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and in_last_send:
+                await last_send_done.wait()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal in_last_send
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if not last:
+                await send(message)
+                return
+            in_last_send = True
+            try:
+                await send(message)
+            finally:
+                last_send_done.set()
+
+        await self.admin_app(scope, guarded_receive, guarded_send)

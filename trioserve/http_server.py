@@ -17,6 +17,7 @@ READ_TIMEOUT_MARGIN = 30
 # The kernel's accept queue: 1,000 clients connecting at once must not see SYN drops (each
 # costs a second of retransmit). Capped by net.core.somaxconn.
 BACKLOG = 4096
+KEEP_ALIVE_TIMEOUT = 5
 # Request line plus headers; larger gets 431 from h11 / 400, never our memory.
 MAX_HEADER_BYTES = 32 * 1024
 
@@ -33,6 +34,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hyper.read_timeout = int(config.server.request_timeout) + READ_TIMEOUT_MARGIN
     hyper.backlog = BACKLOG
     hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
-    hyper.keep_alive_timeout = 75
+    # An idle keep-alive connection is closed after this long. Short, because a client that
+    # vanished after a streamed response leaves its socket in CLOSE_WAIT until then.
+    hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     # Our own deadlines cover requests; Hypercorn's would cut long streams.
     return hyper

@@ -2,17 +2,17 @@
 
 Written against raw ASGI rather than through Quart: this is the per-chunk hot path, and each
 framework layer a chunk passes through costs throughput and event-loop time that ``/health``
-and every other stream then wait for. One upstream read becomes one ``send`` to the client.
+and every other stream then wait for. Every send to the client is done by a ``Downstream``
+task, outside the lease, so losing the model never cancels a send half-way.
 
 Deadlines are cancel scopes at the call site: ``request_timeout`` around everything,
 ``first_byte_timeout`` around queue + start + first upstream byte, ``stream_idle_timeout``
-around each upstream read. Leaving any of them closes the upstream response, which closes its
+between upstream reads. Leaving any of them closes the upstream response, which closes its
 connection, so the backend sees the disconnect and stops generating.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from contextlib import aclosing
@@ -24,6 +24,7 @@ import trio
 
 from .asgi import Receive, Scope, Send, header, send_error
 from .config import Config
+from .downstream import HIGH_WATER, Downstream
 from .errors import (
     InvalidRequest,
     RequestTimeout,
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .lifecycle import State
 from .metrics import Metrics
+from .model import ManagedModel
 from .supervisor import Supervisor
 
 __all__ = ["Relay", "RelayPaths"]
@@ -41,11 +43,16 @@ log = logging.getLogger(__name__)
 
 RelayPaths = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
+# Streamed responses end their connection: with Hypercorn 0.18, a client that closes a
+# keep-alive connection after a chunked response leaves the socket in CLOSE_WAIT until the
+# keep-alive timer. A stream is long next to one loopback TCP handshake.
+_CLOSE = (b"connection", b"close")
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
     # Tell nginx and friends not to buffer the stream.
     (b"x-accel-buffering", b"no"),
+    _CLOSE,
 ]
 # A client that trickles its body (slowloris) is cut off after this long.
 BODY_READ_TIMEOUT = 30.0
@@ -62,56 +69,14 @@ class _ClientGone(Exception):
 
 @dataclass
 class _Exchange:
-    """What one request has done so far; decides how an error can still be reported."""
+    """What one request knows about itself."""
 
     scope: Scope
-    send: Send
+    out: Downstream
     model: str = ""
-    started: bool = False  # the response start was sent
     streaming: bool = False
-    status: int = 0
     start_clock: float = field(default_factory=trio.current_time)
-    first_byte_at: float | None = None
     client_gone: bool = False
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-class _Pump:
-    """Reads upstream chunks into ``buffer``; a token in ``wakeup`` means "look again"."""
-
-    def __init__(self, model: str, idle: float) -> None:
-        self.model = model
-        self.idle = idle
-        self.buffer = bytearray()
-        self.done = False
-        self.error: TrioserveError | None = None
-        self._wake_send, self.wakeup = trio.open_memory_channel[None](1)
-
-    def _wake(self) -> None:
-        # A full channel already holds a wake-up the sender has not taken yet.
-        with contextlib.suppress(trio.WouldBlock):
-            self._wake_send.send_nowait(None)
-
-    async def run(self, chunks: Any) -> None:
-        try:
-            # One scope whose deadline moves with each chunk: cheaper than a scope per chunk.
-            with trio.CancelScope(deadline=trio.current_time() + self.idle) as gap:
-                async for chunk in chunks:
-                    self.buffer += chunk
-                    self._wake()
-                    gap.deadline = trio.current_time() + self.idle
-            if gap.cancelled_caught:
-                self.error = RequestTimeout(
-                    f"model {self.model!r} sent nothing for stream_idle_timeout "
-                    f"({self.idle:g}s); the upstream request was aborted"
-                )
-        except httpx.HTTPError as exc:
-            self.error = UpstreamError(
-                f"model {self.model!r} closed the stream mid-answer: {exc!r}"
-            )
-        finally:
-            self.done = True
-            self._wake()
 
 
 class Relay:
@@ -124,7 +89,7 @@ class Relay:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = _Exchange(scope, send)
+        exchange = _Exchange(scope, Downstream(send))
         server = self.config.server
         try:
             with trio.move_on_after(server.request_timeout) as whole:
@@ -134,14 +99,21 @@ class Relay:
                     raise InvalidRequest(
                         f"request body not received within {BODY_READ_TIMEOUT:g}s", status=408
                     )
+                data, name = self._parse(body)
+                model = self.supervisor.resolve(name)
+                exchange.model = model.name
+                exchange.streaming = data.get("stream") is True
+                error: TrioserveError | None = None
                 async with trio.open_nursery() as nursery:
                     # The client going away cancels everything this request does, upstream
                     # included, at once.
                     nursery.start_soon(
                         self._watch_disconnect, receive, nursery.cancel_scope, exchange
                     )
-                    await self._handle(exchange, body)
+                    error = await self._serve(exchange, model, body)
                     nursery.cancel_scope.cancel()
+                if error is not None:
+                    raise error
             if exchange.client_gone:
                 raise _ClientGone()
             if whole.cancelled_caught:
@@ -149,10 +121,11 @@ class Relay:
                     f"request_timeout ({server.request_timeout:g}s) passed; the upstream "
                     "request was aborted"
                 )
-            # The last send happens outside the watched scope: Hypercorn queues
-            # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
-            # send would leave the connection open.
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not exchange.out.broken:
+                # The last send happens outside the watched scope: Hypercorn queues
+                # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
+                # send would leave the connection open.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except* TrioserveError as group:
             await self._fail(exchange, _first_leaf(group))
         except* _ClientGone:
@@ -160,7 +133,7 @@ class Relay:
         finally:
             self.metrics.finished(
                 exchange.model or "-",
-                exchange.status or 499,
+                exchange.out.status or 499,
                 trio.current_time() - exchange.start_clock,
             )
 
@@ -205,73 +178,70 @@ class Relay:
             raise InvalidRequest("'model' is required and must be a string")
         return data, model
 
-    async def _handle(self, exchange: _Exchange, body: bytes) -> None:
-        data, name = self._parse(body)
-        model = self.supervisor.resolve(name)
-        exchange.model = model.name
-        exchange.streaming = data.get("stream") is True
-        server = self.config.server
-        first_byte_deadline = exchange.start_clock + server.first_byte_timeout
-        progress_done = trio.Event()
+    async def _serve(
+        self, exchange: _Exchange, model: ManagedModel, body: bytes
+    ) -> TrioserveError | None:
+        """Run the upstream side next to the client sender; returns the error to report.
+
+        A ``TrioserveError`` is caught here, not raised through the nursery, so the sender
+        first sends everything already queued (a stream's last chunks) before the error event.
+        """
+        out = exchange.out
+        error: TrioserveError | None = None
         stop_progress = trio.Event()
         async with trio.open_nursery() as nursery:
-            if exchange.streaming and server.loading_progress:
-                nursery.start_soon(
-                    self._progress, exchange, model.name, stop_progress, progress_done
-                )
-            else:
-                progress_done.set()
+            nursery.start_soon(out.run)
+            if exchange.streaming and self.config.server.loading_progress:
+                nursery.start_soon(self._progress, exchange, model.name, stop_progress)
             try:
-                with trio.move_on_at(first_byte_deadline) as first_byte:
-                    async with (
-                        model.admission.slot(),
-                        self.supervisor.lease(model.name) as lease,
-                    ):
-                        url = lease.endpoint.base_url + exchange.scope["path"]
-                        await self._forward(
-                            exchange, url, body, first_byte, stop_progress, progress_done
-                        )
-                if first_byte.cancelled_caught:
-                    raise RequestTimeout(
-                        f"no response from model {model.name!r} within first_byte_timeout "
-                        f"({server.first_byte_timeout:g}s, queue and start included); the "
-                        "upstream request was aborted"
-                    )
+                await self._upstream(exchange, model, body, stop_progress)
+            except TrioserveError as exc:
+                error = exc
             finally:
                 stop_progress.set()
+                out.close()
+        return error
 
-    async def _progress(
-        self, exchange: _Exchange, name: str, stop: trio.Event, done: trio.Event
-    ) -> None:
+    async def _progress(self, exchange: _Exchange, name: str, stop: trio.Event) -> None:
         """SSE comments while a streaming client waits, so it can show progress and no proxy
-        times it out. Never sends while the main task does: the main task waits for ``done``."""
-        try:
-            with trio.move_on_after(PROGRESS_AFTER):
+        times it out."""
+        with trio.move_on_after(PROGRESS_AFTER):
+            await stop.wait()
+        out = exchange.out
+        while not stop.is_set():
+            waited = trio.current_time() - exchange.start_clock
+            if self.supervisor.models[name].state is State.READY:
+                line = f": waiting for model {name} ({waited:.1f}s)\n\n"
+            else:
+                line = f": loading model {name} ({waited:.1f}s)\n\n"
+            if not out.started:
+                out.start(200, _SSE_HEADERS)
+            out.write(line.encode())
+            with trio.move_on_after(PROGRESS_EVERY):
                 await stop.wait()
-            while not stop.is_set():
-                model = self.supervisor.models[name]
-                waited = trio.current_time() - exchange.start_clock
-                if model.state is State.READY:
-                    line = f": waiting for model {name} ({waited:.1f}s)\n\n"
-                else:
-                    line = f": loading model {name} ({waited:.1f}s)\n\n"
-                async with exchange.send_lock:
-                    if not exchange.started:
-                        await self._start(exchange, 200, _SSE_HEADERS)
-                    await exchange.send(
-                        {"type": "http.response.body", "body": line.encode(), "more_body": True}
-                    )
-                with trio.move_on_after(PROGRESS_EVERY):
-                    await stop.wait()
-        finally:
-            done.set()
 
-    async def _start(
-        self, exchange: _Exchange, status: int, headers: list[tuple[bytes, bytes]]
+    async def _upstream(
+        self, exchange: _Exchange, model: ManagedModel, body: bytes, stop_progress: trio.Event
     ) -> None:
-        exchange.started = True
-        exchange.status = status
-        await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
+        server = self.config.server
+        with trio.move_on_at(exchange.start_clock + server.first_byte_timeout) as first_byte:
+            async with model.admission.slot():
+                done = False
+                try:
+                    async with self.supervisor.lease(model.name) as lease:
+                        url = lease.endpoint.base_url + exchange.scope["path"]
+                        await self._forward(exchange, url, body, first_byte, stop_progress)
+                        done = True
+                except UpstreamError:
+                    # The model went away after its answer was complete: nothing was lost.
+                    if not done:
+                        raise
+        if first_byte.cancelled_caught:
+            raise RequestTimeout(
+                f"no response from model {model.name!r} within first_byte_timeout "
+                f"({server.first_byte_timeout:g}s, queue and start included); the "
+                "upstream request was aborted"
+            )
 
     async def _forward(
         self,
@@ -280,34 +250,45 @@ class Relay:
         body: bytes,
         first_byte: trio.CancelScope,
         stop_progress: trio.Event,
-        progress_done: trio.Event,
     ) -> None:
         request = self.http.build_request(
             "POST", url, content=body, headers={"content-type": "application/json"}
         )
-        try:
-            response = await self.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"model {exchange.model!r} refused the request: {exc!r}") from exc
+        response = await self._send_upstream(exchange, request)
         try:
             async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
-                await self._relay_response(
-                    exchange, response, chunks, first_byte, stop_progress, progress_done
-                )
+                await self._relay(exchange, response, chunks, first_byte, stop_progress)
         finally:
             # Closing a response that was not read to the end closes its connection: that is
             # what tells the backend to stop generating.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 await response.aclose()
 
-    async def _relay_response(
+    async def _send_upstream(self, exchange: _Exchange, request: httpx.Request) -> httpx.Response:
+        # A pooled connection the server has just closed (llama-server closes after every
+        # stream yet advertises keep-alive) fails before any response byte: the request was
+        # not processed, so one retry on a fresh connection is safe.
+        for attempt in (1, 2):
+            try:
+                return await self.http.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if attempt == 2:
+                    raise UpstreamError(
+                        f"model {exchange.model!r} closed the connection: {exc!r}"
+                    ) from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(
+                    f"model {exchange.model!r} refused the request: {exc!r}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def _relay(
         self,
         exchange: _Exchange,
         response: httpx.Response,
         chunks: Any,
         first_byte: trio.CancelScope,
         stop_progress: trio.Event,
-        progress_done: trio.Event,
     ) -> None:
         try:
             first = await chunks.__anext__()
@@ -319,112 +300,98 @@ class Relay:
             ) from exc
         # The first byte is here: from now on only the idle and request deadlines apply.
         first_byte.deadline = float("inf")
-        exchange.first_byte_at = trio.current_time()
-        self.metrics.first_byte(exchange.model, exchange.first_byte_at - exchange.start_clock)
+        self.metrics.first_byte(exchange.model, trio.current_time() - exchange.start_clock)
         stop_progress.set()
-        await progress_done.wait()
-        if exchange.started:
-            await self._continue_stream(exchange, response, first, chunks)
-        elif exchange.streaming and response.status_code == 200:
-            await self._start(exchange, 200, self._headers(response))
-            await self._relay_rest(exchange, first, chunks, streaming=True)
+        out = exchange.out
+        status = response.status_code
+        if out.started:
+            # Progress comments already began a 200 SSE response: an upstream error can only
+            # be told as a final error event now.
+            if status != 200:
+                rest = first + await self._read_rest(exchange, chunks)
+                raise UpstreamError(
+                    f"model {exchange.model!r} answered {status}: "
+                    + rest.decode("utf-8", "replace")[:500]
+                )
+            out.write(first)
+            await self._stream_rest(exchange, chunks)
+        elif exchange.streaming and status == 200:
+            out.start(200, self._headers(response))
+            out.write(first)
+            await self._stream_rest(exchange, chunks)
         else:
-            await self._relay_whole(exchange, response, first, chunks)
+            # Non-streaming answers are read whole before we answer, so an upstream that dies
+            # half-way gives the client a clean 502 rather than truncated JSON.
+            payload = first + await self._read_rest(exchange, chunks)
+            headers = self._headers(response)
+            headers.append((b"content-length", str(len(payload)).encode()))
+            out.start(status, headers)
+            out.write(payload)
 
     def _headers(self, response: httpx.Response) -> list[tuple[bytes, bytes]]:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() in _PASSED_HEADERS]
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             headers.append((b"x-accel-buffering", b"no"))
+            headers.append(_CLOSE)
         return headers
 
-    async def _continue_stream(
-        self, exchange: _Exchange, response: httpx.Response, first: bytes, chunks: Any
-    ) -> None:
-        """Progress comments already started a 200 SSE response: an upstream error can only be
-        told as a final error event now."""
-        if response.status_code != 200:
-            rest = [first]
-            async for chunk in chunks:
-                rest.append(chunk)
-            raise UpstreamError(
-                f"model {exchange.model!r} answered {response.status_code}: "
-                + b"".join(rest).decode("utf-8", "replace")[:500]
-            )
-        await self._relay_rest(exchange, first, chunks, streaming=True)
-
-    async def _relay_rest(
-        self, exchange: _Exchange, first: bytes, chunks: Any, *, streaming: bool
-    ) -> None:
-        """Relay the rest of a stream, coalescing: a reader task appends upstream chunks to a
-        buffer while this task sends whatever has accumulated in one ``send``.
-
-        When the client keeps up, each chunk goes out as soon as it arrives; when sending is
-        the bottleneck (many streams, fast tokens), chunks that arrived meanwhile go out
-        together, so the per-send cost (Hypercorn, h11, a syscall) is paid once per batch
-        instead of once per token.
-        """
-        pump = _Pump(exchange.model, self.config.server.stream_idle_timeout)
-        pump.buffer += first
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump.run, chunks)
-            send = exchange.send
-            while True:
-                if not pump.buffer and not pump.done:
-                    await pump.wakeup.receive()
-                if pump.buffer:
-                    data = bytes(pump.buffer)
-                    pump.buffer.clear()
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                elif pump.done:
-                    break
-        if pump.error is not None:
-            raise pump.error
-
-    async def _relay_whole(
-        self, exchange: _Exchange, response: httpx.Response, first: bytes, chunks: Any
-    ) -> None:
-        # Non-streaming answers are read whole before we answer, so an upstream that dies
-        # half-way gives the client a clean 502 rather than truncated JSON.
-        parts = [first]
+    async def _stream_rest(self, exchange: _Exchange, chunks: Any) -> None:
+        out = exchange.out
         idle = self.config.server.stream_idle_timeout
-        while True:
-            with trio.move_on_after(idle) as gap:
-                try:
-                    parts.append(await chunks.__anext__())
-                except StopAsyncIteration:
-                    break
-                except httpx.HTTPError as exc:
-                    raise UpstreamError(
-                        f"model {exchange.model!r} closed the connection mid-answer: {exc!r}"
-                    ) from exc
-            if gap.cancelled_caught:
-                raise RequestTimeout(
-                    f"model {exchange.model!r} stalled for stream_idle_timeout ({idle:g}s)"
-                )
-        payload = b"".join(parts)
-        headers = self._headers(response)
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await self._start(exchange, response.status_code, headers)
-        await exchange.send({"type": "http.response.body", "body": payload, "more_body": True})
+        # One scope whose deadline moves with each chunk: cheaper than a scope per chunk.
+        with trio.CancelScope(deadline=trio.current_time() + idle) as gap:
+            try:
+                async for chunk in chunks:
+                    out.write(chunk)
+                    if out.pending > HIGH_WATER:
+                        await out.wait_for_space()
+                    gap.deadline = trio.current_time() + idle
+            except httpx.HTTPError as exc:
+                raise UpstreamError(
+                    f"model {exchange.model!r} closed the stream mid-answer: {exc!r}"
+                ) from exc
+        if gap.cancelled_caught:
+            raise RequestTimeout(
+                f"model {exchange.model!r} sent nothing for stream_idle_timeout "
+                f"({idle:g}s); the upstream request was aborted"
+            )
+
+    async def _read_rest(self, exchange: _Exchange, chunks: Any) -> bytes:
+        parts: list[bytes] = []
+        idle = self.config.server.stream_idle_timeout
+        with trio.CancelScope(deadline=trio.current_time() + idle) as gap:
+            try:
+                async for chunk in chunks:
+                    parts.append(chunk)
+                    gap.deadline = trio.current_time() + idle
+            except httpx.HTTPError as exc:
+                raise UpstreamError(
+                    f"model {exchange.model!r} closed the connection mid-answer: {exc!r}"
+                ) from exc
+        if gap.cancelled_caught:
+            raise RequestTimeout(
+                f"model {exchange.model!r} stalled for stream_idle_timeout ({idle:g}s)"
+            )
+        return b"".join(parts)
 
     async def _fail(self, exchange: _Exchange, error: TrioserveError) -> None:
-        self.metrics.error(exchange.model or "-", error.code)
+        model = exchange.model or "-"
+        self.metrics.error(model, error.code)
         if isinstance(error, RequestTimeout):
-            self.metrics.cancelled(exchange.model or "-")
-        try:
-            if not exchange.started:
-                exchange.status = error.status
-                exchange.started = True
-                await send_error(exchange.send, error)
+            self.metrics.cancelled(model)
+        out = exchange.out
+        if out.broken:
+            return
+        send = out.raw_send
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+            if not out.head_sent:
+                out.status = error.status
+                await send_error(send, error)
             else:
                 # A stream has begun: one last event carries the error, then the stream ends.
                 event = b"data: " + error.body_bytes() + b"\n\n"
-                await exchange.send(
-                    {"type": "http.response.body", "body": event, "more_body": True}
-                )
-                await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass  # the client is gone too
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _first_leaf(group: BaseExceptionGroup[TrioserveError]) -> TrioserveError:
