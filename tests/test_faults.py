@@ -1,0 +1,593 @@
+"""Faults of model processes, seen from outside the daemon (issue 7).
+
+Each test breaks a model child in one way — killed while serving, exiting at once over and
+over, exiting 0 before it is healthy, never healthy, deaf to SIGTERM, leaving grandchildren,
+unloaded while starting, gone just while its answer is being sent, its port taken by another
+program — and checks the answer clients get, the model's state, and that nothing is left
+behind: no process with the instance's marker, the daemon's fds and trio tasks back to what
+they were. Spawns are counted by the children themselves (``SpawnCounter``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import (
+    SpawnCounter,
+    echo_cmd,
+    health_server_cmd,
+    running_daemon,
+)
+from tests.gateway_helpers import chat, wait_for_status
+from tests.test_faults_support import (
+    LeakCheck,
+    alive,
+    assert_openai_error,
+    config_for,
+    eventually,
+    leak_checked_daemon,
+    model_processes,
+    raw_address,
+    response_complete,
+)
+from trioserve.daemon import DaemonInfo
+from trioserve.downstream import Downstream
+from trioserve.supervisor import Supervisor
+
+
+async def _status(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    info: dict[str, Any] = (await client.get("/admin/status")).json()["models"][model]
+    return info
+
+
+async def _no_model_process_left(info: DaemonInfo, *, within: float = 5.0) -> None:
+    await eventually(
+        lambda: model_processes(info.instance) == {},
+        within=within,
+        what=f"no model process of instance {info.instance}",
+    )
+
+
+# -- killed while serving ----------------------------------------------------------------------
+
+
+async def test_child_sigkilled_while_serving_fails_in_flight_with_502_within_a_second_and_restarts(
+    state_dir: Path, spawns: SpawnCounter
+) -> None:
+    cmd = spawns.cmd("m", "--tokens", "200", "--token-delay", "0.05")
+    config = config_for(state_dir, {"m": {"cmd": cmd}})
+    async with leak_checked_daemon(config) as (info, client):
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        pid = (await _status(client, "m"))["pid"]
+        done_at: dict[str, float] = {}
+        plain: dict[str, httpx.Response] = {}
+        last_event: dict[str, str] = {}
+        streaming = trio.Semaphore(0)
+
+        async def non_streaming(key: str) -> None:
+            plain[key] = await client.post("/v1/chat/completions", json=chat("m"))
+            done_at[key] = trio.current_time()
+
+        async def stream(key: str) -> None:
+            body = chat("m", stream=True)
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                async with aclosing(response.aiter_lines()) as lines:  # type: ignore[type-var]
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            if key not in last_event:
+                                streaming.release()
+                            last_event[key] = line
+            done_at[key] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(non_streaming, f"plain{i}")
+                nursery.start_soon(stream, f"stream{i}")
+            await wait_for_status(client, "m", "in_flight", 4)
+            for _ in range(2):
+                await streaming.acquire()  # both streams are really streaming
+            os.kill(pid, signal.SIGKILL)
+            killed_at = trio.current_time()
+
+        for key, at in done_at.items():
+            assert at - killed_at < 1.0, f"{key} answered {at - killed_at:.2f}s after the kill"
+        for response in plain.values():
+            assert_openai_error(response, 502, "upstream_error")
+        for line in last_event.values():
+            assert json.loads(line.removeprefix("data: "))["error"]["code"] == "upstream_error"
+        assert not alive(pid)
+        model = await _status(client, "m")
+        assert model["state"] == "failed" and model["in_flight"] == 0
+
+        # The next request starts it again: a new process, counted by the child itself.
+        again = await client.post("/v1/chat/completions", json=chat("m", max_tokens=2))
+        assert again.status_code == 200, again.text
+        model = await _status(client, "m")
+        assert model["state"] == "ready" and model["pid"] != pid
+        assert spawns.count("m") == 2
+        assert model_processes(info.instance) == {"m": [model["pid"]]}
+
+
+# -- exits at once, over and over --------------------------------------------------------------
+
+
+async def test_child_exiting_nonzero_at_once_is_retried_a_bounded_number_of_times(
+    state_dir: Path, spawns: SpawnCounter, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.touch()
+    cmd = spawns.cmd("m", fail_while=broken)
+    config = config_for(
+        state_dir,
+        {"m": {"cmd": cmd}},
+        supervisor={"max_start_failures": 3, "failure_cooldown": 3},
+    )
+    async with leak_checked_daemon(config) as (info, client):
+        statuses: list[int] = []
+        retry_after: list[int] = []
+
+        async def hammer(requests: int) -> None:
+            for _ in range(requests):
+                response = await client.post("/v1/chat/completions", json=chat("m"))
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert_openai_error(response, 503, "model_unavailable")
+                    retry_after.append(int(response.headers["retry-after"]))
+                else:
+                    error = assert_openai_error(response, 502, "upstream_error")
+                    assert "exited with code 2" in error["message"], error
+                    assert "refusing to start" in error["message"], error
+
+        # 20 clients retrying at once, 100 requests: the failures come fast, each answered,
+        # all well within the cooldown.
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(hammer, 5)
+        assert set(statuses) == {502, 503}, statuses
+        # Bounded: exactly max_start_failures spawns, then only 503s for the cooldown.
+        assert spawns.count("m") == 3
+        assert all(1 <= seconds <= 3 for seconds in retry_after), retry_after
+        model = await wait_for_status(client, "m", "pid", None)
+        assert model["state"] == "failed"
+        assert "refusing to start" in model["last_error"]
+        assert model_processes(info.instance) == {}
+
+        # Once the cooldown has passed, one more try (not a storm), then cooling down again.
+        with trio.fail_after(3 + 5):
+            while True:
+                response = await client.post("/v1/chat/completions", json=chat("m"))
+                if response.status_code != 503:
+                    break
+                await trio.sleep(0.1)
+        assert_openai_error(response, 502, "upstream_error")
+        assert spawns.count("m") == 4
+        assert_openai_error(
+            await client.post("/v1/chat/completions", json=chat("m")), 503, "model_unavailable"
+        )
+        assert spawns.count("m") == 4
+
+        # The fault fixed, an unload clears the failure: the next request starts it at once.
+        broken.unlink()
+        assert (await client.post("/admin/models/m/unload")).status_code == 200
+        assert (await _status(client, "m"))["state"] == "stopped"
+        ok = await client.post("/v1/chat/completions", json=chat("m"))
+        assert ok.status_code == 200, ok.text
+        assert spawns.count("m") == 5
+
+
+# -- never healthy -------------------------------------------------------------------------------
+
+EXITS_ZERO = "print('nothing to serve, bye', flush=True)"
+NEVER_BINDS = "import time\nprint('loading forever', flush=True)\ntime.sleep(600)"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "reason", "words"),
+    [
+        (["{python}", "-c", EXITS_ZERO], "exited with code 0", "nothing to serve"),
+        (["{python}", "-c", NEVER_BINDS], "start_timeout", "loading forever"),
+        (echo_cmd("--startup-delay", "600"), "start_timeout", "--startup-delay"),
+    ],
+    ids=["exits-0-before-healthy", "never-binds", "binds-but-never-healthy"],
+)
+async def test_child_that_never_becomes_healthy_fails_its_start_and_is_gone(
+    state_dir: Path, cmd: list[str], reason: str, words: str
+) -> None:
+    config = config_for(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 1})
+    async with leak_checked_daemon(config) as (info, client):
+        with trio.fail_after(10):
+            response = await client.post("/v1/chat/completions", json=chat("m"))
+        error = assert_openai_error(response, 502, "upstream_error")
+        assert reason in error["message"], error
+        assert words in error["message"], error  # its own last words, to act on
+        # The admin load says the same, with the same status.
+        with trio.fail_after(10):
+            load = await client.post("/admin/models/m/load")
+        assert_openai_error(load, 502, "upstream_error")
+        await _no_model_process_left(info)
+        # The state says failed at once; the pid goes once the process is reaped.
+        model = await wait_for_status(client, "m", "pid", None)
+        assert model["state"] == "failed"
+
+
+# -- deaf to SIGTERM -----------------------------------------------------------------------------
+
+
+async def test_child_ignoring_sigterm_is_killed_after_stop_grace_on_unload(
+    state_dir: Path,
+) -> None:
+    config = config_for(
+        state_dir,
+        {"m": {"cmd": health_server_cmd("--ignore-sigterm")}},
+        supervisor={"stop_grace": 1},
+    )
+    async with leak_checked_daemon(config) as (info, client):
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        pid = (await _status(client, "m"))["pid"]
+        start = trio.current_time()
+        with trio.fail_after(10):
+            response = await client.post("/admin/models/m/unload")
+        took = trio.current_time() - start
+        assert response.status_code == 200, response.text
+        assert response.json()["state"] == "stopped"
+        # It got SIGTERM, ignored it for stop_grace, then SIGKILL; unload waited for that.
+        assert 1.0 <= took < 4.0, took
+        assert not alive(pid)
+        assert model_processes(info.instance) == {}
+
+
+async def test_child_ignoring_sigterm_does_not_hold_up_shutdown_beyond_stop_grace(
+    state_dir: Path,
+) -> None:
+    config = config_for(
+        state_dir,
+        {"m": {"cmd": health_server_cmd("--ignore-sigterm")}},
+        supervisor={"stop_grace": 1},
+        server={"shutdown_grace": 0},
+    )
+    check = LeakCheck()
+    async with running_daemon(config) as (info, client):
+        check.instance = info.instance
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        pid = (await _status(client, "m"))["pid"]
+        stopping_at = trio.current_time()
+    took = trio.current_time() - stopping_at
+    assert 1.0 <= took < 5.0, took
+    assert not alive(pid)
+    await check.verify()
+
+
+# -- grandchildren -------------------------------------------------------------------------------
+
+# A model that starts a helper (a grandchild of the daemon, deaf to SIGTERM) and then either
+# becomes the echo backend (exec) or leaves at once, as a "launcher" would.
+LAUNCHER = """
+import os, subprocess, sys
+port, pidfile, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+helper = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+with open(pidfile + ".tmp", "w") as f:
+    f.write(str(helper.pid))
+os.rename(pidfile + ".tmp", pidfile)
+if mode == "exit":
+    print("launched helper, leaving", flush=True)
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, "-m", "trioserve.backends.echo", "--port", port])
+"""
+
+
+def _launcher_cmd(pidfile: Path, mode: str) -> list[str]:
+    script = LAUNCHER.replace("{", "{{").replace("}", "}}")
+    return ["{python}", "-c", script, "{port}", str(pidfile), mode]
+
+
+async def _helper_pid(pidfile: Path) -> int:
+    await eventually(pidfile.exists, within=10, what="the helper's pid file")
+    return int(pidfile.read_text())
+
+
+@pytest.mark.parametrize("fault", ["crash", "unload", "launcher-exits"])
+async def test_grandchildren_outliving_their_parent_are_killed(
+    state_dir: Path, tmp_path: Path, fault: str
+) -> None:
+    pidfile = tmp_path / "helper.pid"
+    mode = "exit" if fault == "launcher-exits" else "serve"
+    config = config_for(
+        state_dir, {"m": {"cmd": _launcher_cmd(pidfile, mode)}}, supervisor={"stop_grace": 0.5}
+    )
+    async with leak_checked_daemon(config) as (info, client):
+        if fault == "launcher-exits":
+            response = await client.post("/admin/models/m/load")
+            error = assert_openai_error(response, 502, "upstream_error")
+            assert "exited with code 0" in error["message"]
+            helper = await _helper_pid(pidfile)
+        else:
+            assert (await client.post("/admin/models/m/load")).status_code == 200
+            helper = await _helper_pid(pidfile)
+            leader = (await _status(client, "m"))["pid"]
+            assert alive(helper) and os.getpgid(helper) == leader
+            if fault == "crash":
+                os.kill(leader, signal.SIGKILL)
+                await wait_for_status(client, "m", "state", "failed")
+            else:
+                unloaded = await client.post("/admin/models/m/unload")
+                assert unloaded.status_code == 200
+        # The helper is reparented to init when its parent dies and reaped by it: nothing
+        # announces that, so this waits by polling, with a bound.
+        await eventually(lambda: not alive(helper), within=5, what="the helper is killed")
+        await _no_model_process_left(info)
+
+
+# -- unload or shutdown while starting -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["unload", "unload-force"])
+async def test_unload_while_starting_stops_it_and_nothing_respawns(
+    state_dir: Path, spawns: SpawnCounter, force: bool
+) -> None:
+    cmd = spawns.cmd("m", "--startup-delay", "600")
+    config = config_for(state_dir, {"m": {"cmd": cmd}}, server={"loading_progress": False})
+    async with leak_checked_daemon(config) as (info, client):
+        answers: list[httpx.Response] = []
+
+        async def waiter() -> None:
+            answers.append(await client.post("/v1/chat/completions", json=chat("m")))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(waiter)
+            await wait_for_status(client, "m", "state", "starting")
+            await eventually(lambda: spawns.count("m") == 1, within=10, what="the spawn")
+            pid = (await _status(client, "m"))["pid"]
+            assert pid is not None and alive(pid)
+            with trio.fail_after(10):
+                unloaded = await client.post(
+                    "/admin/models/m/unload", params={"force": str(force).lower()}
+                )
+            assert unloaded.status_code == 200, unloaded.text
+            assert unloaded.json()["state"] == "stopped"
+        assert len(answers) == 5
+        for response in answers:
+            error = assert_openai_error(response, 502, "upstream_error")
+            assert "stopped while starting" in error["message"], error
+        # Stopped, and stays stopped: the waiters' errors did not start it again.
+        model = await _status(client, "m")
+        assert model["state"] == "stopped" and model["pid"] is None
+        assert spawns.count("m") == 1
+        assert not alive(pid)
+        assert model_processes(info.instance) == {}
+
+
+async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
+    state_dir: Path, spawns: SpawnCounter
+) -> None:
+    cmd = spawns.cmd("m", "--startup-delay", "600")
+    config = config_for(
+        state_dir,
+        {"m": {"cmd": cmd}},
+        server={"shutdown_grace": 0.5, "loading_progress": False},
+        supervisor={"stop_grace": 2},
+    )
+    check = LeakCheck()
+    answers: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        async with running_daemon(config) as (info, client):
+            check.instance = info.instance
+
+            async def waiter() -> None:
+                # Its own client: the daemon's goes away with the daemon.
+                async with httpx.AsyncClient(base_url=info.url, trust_env=False) as own:
+                    try:
+                        response = await own.post("/v1/chat/completions", json=chat("m"))
+                    except httpx.HTTPError as exc:  # the connection closed by the shutdown
+                        answers.append(type(exc).__name__)
+                    else:
+                        assert_openai_error(response, response.status_code, "upstream_error")
+                        answers.append(response.status_code)
+
+            for _ in range(3):
+                nursery.start_soon(waiter)
+            await wait_for_status(client, "m", "state", "starting")
+            await eventually(lambda: spawns.count("m") == 1, within=10, what="the spawn")
+            pid = (await _status(client, "m"))["pid"]
+            stopping_at = trio.current_time()
+        took = trio.current_time() - stopping_at
+    # shutdown_grace for the requests, then the child's stop: SIGTERM, it leaves at once.
+    assert took < 0.5 + 1 + 3, took
+    assert len(answers) == 3
+    assert spawns.count("m") == 1
+    assert not alive(pid)
+    await check.verify()
+
+
+# -- a complete answer, a model gone while the client reads it ---------------------------------
+
+
+def _crash_as_the_head_is_queued(
+    monkeypatch: pytest.MonkeyPatch, supervisor: Supervisor, pid: int, *, streaming: bool
+) -> None:
+    """The model crashes at the worst moment: its answer (or first chunk) is in, and the
+    response head has just been handed to the client sender, not yet sent. The leases are lost
+    at once, as the supervisor does when it sees the exit; a real crash lands there only now and
+    then, under load (the race test and bench/soak.py see it happen)."""
+    start = Downstream.start
+    crashed = False
+
+    def start_then_crash(self: Downstream, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        nonlocal crashed
+        start(self, status, headers)
+        kind = dict(headers).get(b"content-type", b"")
+        if not crashed and (kind == b"text/event-stream") is streaming:
+            crashed = True
+            os.kill(pid, signal.SIGKILL)
+            for model in supervisor.models.values():
+                for lease in list(model.leases):
+                    lease.lose(f"model {model.name!r} crashed")
+
+    monkeypatch.setattr(Downstream, "start", start_then_crash)
+
+
+@pytest.mark.parametrize(
+    "fault", ["crash-while-client-reads", "force-unload-while-client-reads", "crash-after-head"]
+)
+async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it(
+    state_dir: Path,
+    fault: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 10,000 tokens of 1,000 characters: ~10 MB, far more than the socket buffers hold, so
+    # the relay is still sending while a client that does not read waits.
+    config = config_for(state_dir, {"m": {"cmd": echo_cmd("--tokens", "10000")}})
+    async with leak_checked_daemon(config) as (info, client):
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        pid = (await _status(client, "m"))["pid"]
+        if fault == "crash-after-head":
+            _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=False)
+        body = json.dumps(chat("m", text="x" * 1000)).encode()
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(raw_address(info.url))
+        async with trio.SocketStream(sock) as stream:
+            await stream.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            received = bytearray()
+            with trio.fail_after(20):
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(4096)
+            # The head is out: the whole answer was read from the model, and the relay is
+            # sending its body, which this client does not read for now.
+            assert received.startswith(b"HTTP/1.1 200"), bytes(received[:200])
+            if fault == "crash-while-client-reads":
+                os.kill(pid, signal.SIGKILL)
+            elif fault == "force-unload-while-client-reads":
+                response = await client.post("/admin/models/m/unload", params={"force": "true"})
+                assert response.status_code == 200
+            await wait_for_status(client, "m", "pid", None)
+            # Now read it all (up to its Content-Length, or until the server closes).
+            with trio.fail_after(20):
+                while not response_complete(received):
+                    chunk = await stream.receive_some(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+        head, _, payload = bytes(received).partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert not errors, errors
+        # The answer was complete before the model went away: the client gets all of it.
+        assert len(payload) == length, (len(payload), length)
+        answer = json.loads(payload)
+        assert len(answer["choices"][0]["message"]["content"]) > 10_000_000
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_model_gone_just_as_a_stream_starts_gets_a_clean_answer_and_the_daemon_stays_up(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_for(state_dir, {"m": {"cmd": echo_cmd("--tokens", "50")}})
+    async with leak_checked_daemon(config) as (info, client):
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        pid = (await _status(client, "m"))["pid"]
+        _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=True)
+        try:
+            response = await client.post("/v1/chat/completions", json=chat("m", stream=True))
+        except httpx.RemoteProtocolError as exc:
+            raise AssertionError(f"no answer at all: {exc!r}") from exc
+        # Either nothing was sent yet (a plain 502), or the stream began and one last event
+        # says what happened: both are clean.
+        if response.status_code == 200:
+            events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+            error = json.loads(events[-1].removeprefix("data: "))["error"]
+            assert error["code"] == "upstream_error", events
+        else:
+            assert_openai_error(response, 502, "upstream_error")
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert not errors, errors
+        assert (await client.get("/health")).status_code == 200
+        # And, once the daemon has seen the exit, the model starts again for the next request.
+        await wait_for_status(client, "m", "state", "failed")
+        again = await client.post("/v1/chat/completions", json=chat("m", stream=True))
+        assert again.status_code == 200 and "data: [DONE]" in again.text
+
+
+# -- someone else on the model's port ----------------------------------------------------------
+
+# A model that loads for a long time before it binds its port, as vLLM does.
+LOADS_BEFORE_BINDING = """
+import sys, time
+port, portfile = sys.argv[1], sys.argv[2]
+with open(portfile + ".tmp", "w") as f:
+    f.write(port)
+__import__("os").rename(portfile + ".tmp", portfile)
+print("loading weights", flush=True)
+time.sleep(600)
+"""
+
+
+async def _impostor(stream: trio.SocketStream) -> None:
+    """Another program's HTTP server: 200 to anything."""
+    async with stream:
+        with trio.move_on_after(5):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                request += data
+            body = b'{"impostor": true}'
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+
+
+# Between the allocator's bind test and the child's own bind, anything can take the port: a
+# second daemon with an overlapping port_range, another test run. A 200 from it must not make
+# the model ready.
+async def test_a_foreign_program_on_the_models_port_is_not_taken_for_the_model(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    portfile = tmp_path / "port"
+    script = LOADS_BEFORE_BINDING.replace("{", "{{").replace("}", "}}")
+    cmd = ["{python}", "-c", script, "{port}", str(portfile)]
+    config = config_for(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 2})
+    async with leak_checked_daemon(config) as (_, client), trio.open_nursery() as nursery:
+        answer: list[httpx.Response] = []
+
+        async def request() -> None:
+            answer.append(await client.post("/v1/chat/completions", json=chat("m")))
+
+        nursery.start_soon(request)
+        await eventually(portfile.exists, within=10, what="the model's port file")
+        # While the model loads, another program binds the port the daemon gave it.
+        port = int(portfile.read_text())
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _impostor, port, host="127.0.0.1")
+        )
+        await eventually(lambda: bool(answer), within=10, what="an answer to the request")
+        nursery.cancel_scope.cancel()
+        for listener in listeners:
+            await listener.aclose()
+    # The model never became healthy itself: its start fails; nobody else answers for it.
+    assert answer, "the request got no answer"
+    assert b"impostor" not in answer[0].content
+    error = assert_openai_error(answer[0], 502, "upstream_error")
+    assert "start_timeout" in error["message"]
+    assert "another program" in error["message"], error
