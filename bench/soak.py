@@ -58,7 +58,7 @@ FIRST_BYTE_TIMEOUT = 1.5
 HANG_AFTER = 60.0
 
 
-def _config(state_dir: str, port: int, faults: bool) -> str:
+def _config(state_dir: str, port: int, faults: bool, ports: int) -> str:
     echo = '"{python}", "-m", "trioserve.backends.echo", "--port", "{port}"'
     models: dict[str, tuple[str, str]] = {
         # name: (echo options, extra TOML lines)
@@ -81,7 +81,8 @@ def _config(state_dir: str, port: int, faults: bool) -> str:
         "stop_grace = 3",
         "start_timeout = 30",
         "failure_cooldown = 2",
-        "port_range = [21800, 21899]",  # below the ephemeral range (32768-60999)
+        # Below the ephemeral range (32768-60999), so no client socket takes a model's port.
+        f"port_range = [21000, {21000 + ports - 1}]",
     ]
     for name, (options, extra) in models.items():
         argv = ", ".join(f'"{o}"' for o in options.split())
@@ -441,6 +442,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=24)
     parser.add_argument("--no-faults", action="store_true", help="no force unloads, no crashes")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--ports", type=int, default=1000, help="size of port_range (1000, as the default config)"
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--verbose", action="store_true", help="an example of each 5xx reason")
     args = parser.parse_args()
@@ -450,7 +454,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="trioserve-soak-") as tmp:
         conf = Path(tmp) / "soak.toml"
-        conf.write_text(_config(str(Path(tmp) / "state"), port, faults))
+        conf.write_text(_config(str(Path(tmp) / "state"), port, faults, args.ports))
         log = Path(tmp) / "daemon.log"
         with open(log, "wb") as err:
             daemon = subprocess.Popen(

@@ -160,4 +160,5 @@ async def test_health_stays_fast_while_fifty_slowloris_connections_trickle(
     # Slack for a shared 2-core machine; a server that let slow heads hold it up (one
     # connection at a time, a lock) would take seconds here, not milliseconds.
     assert p50_crowded < 2 * p50_alone + 0.005
-    assert p99_crowded < max(3 * p99_alone, p99_alone + 0.05)
+    # Generous: 2 cores shared with the load; a real regression (a blocked loop) costs seconds.
+    assert p99_crowded < max(3 * p99_alone, p99_alone + 0.5)

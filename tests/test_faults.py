@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import signal
+import threading
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+import trioserve.supervisor
 from tests.conftest import (
     SpawnCounter,
     echo_cmd,
@@ -37,11 +39,13 @@ from tests.test_faults_support import (
     eventually,
     leak_checked_daemon,
     model_processes,
+    private_port_range,
     raw_address,
     response_complete,
 )
 from trioserve.daemon import DaemonInfo
 from trioserve.downstream import Downstream
+from trioserve.process import listens_on
 from trioserve.supervisor import Supervisor
 
 
@@ -369,6 +373,55 @@ async def test_unload_while_starting_stops_it_and_nothing_respawns(
         assert model_processes(info.instance) == {}
 
 
+# This once moved the model from stopping to ready: InvalidTransition escaped the run's task
+# and the whole daemon died (bench/soak.py met it after 131 s of traffic).
+@pytest.mark.parametrize("force", [False, True], ids=["unload", "unload-force"])
+async def test_unload_landing_while_a_start_is_being_confirmed_stops_it(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    """The start is caught at its last step: the child answers its health check and the
+    daemon is checking that the listener is the child's own, in a worker thread."""
+    entered = trio.Event()
+    release = threading.Event()
+
+    def held_listens_on(pid: int, port: int) -> bool:
+        # The answer is in (the child does listen); the thread is slow to hand it back.
+        answer = listens_on(pid, port)
+        if not entered.is_set():
+            trio.from_thread.run_sync(entered.set)
+            release.wait(10)
+        return answer
+
+    monkeypatch.setattr(trioserve.supervisor, "listens_on", held_listens_on)
+    config = config_for(state_dir, server={"loading_progress": False})
+    async with leak_checked_daemon(config) as (info, client):
+        answers: dict[str, httpx.Response] = {}
+
+        async def call(key: str, method: str, path: str, **kwargs: Any) -> None:
+            answers[key] = await client.request(method, path, **kwargs)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(call, "chat", "POST", "/v1/chat/completions", json=chat())
+            )
+            with trio.fail_after(10):
+                await entered.wait()
+            params = {"force": str(force).lower()}
+            nursery.start_soon(
+                functools.partial(
+                    call, "unload", "POST", "/admin/models/echo/unload", params=params
+                )
+            )
+            await wait_for_status(client, "echo", "state", "stopping")
+            release.set()
+        assert answers["unload"].status_code == 200, answers["unload"].text
+        assert answers["unload"].json()["state"] == "stopped"
+        error = assert_openai_error(answers["chat"], 502, "upstream_error")
+        assert "stopped while starting" in error["message"], error
+        assert (await client.get("/health")).status_code == 200
+        assert model_processes(info.instance) == {}
+
+
 async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
@@ -409,6 +462,23 @@ async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
     assert spawns.count("m") == 1
     assert not alive(pid)
     await check.verify()
+
+
+# -- churn ---------------------------------------------------------------------------------------
+
+
+# A port the last child left in TIME_WAIT (it closed its keep-alive connections as it stopped)
+# once counted as taken for a minute; under churn the whole port_range went.
+async def test_a_model_restarted_right_after_serving_gets_a_port(state_dir: Path) -> None:
+    port = private_port_range()[0]
+    config = config_for(state_dir, supervisor={"port_range": [port, port]})
+    async with leak_checked_daemon(config) as (_, client):
+        for _ in range(3):
+            # It serves (the relay keeps its connection), it stops (and closes that
+            # connection first, so its port is left in TIME_WAIT), it starts again.
+            response = await client.post("/v1/chat/completions", json=chat())
+            assert response.status_code == 200, response.text
+            assert (await client.post("/admin/models/echo/unload")).status_code == 200
 
 
 # -- a complete answer, a model gone while the client reads it ---------------------------------
@@ -495,6 +565,46 @@ async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it
         answer = json.loads(payload)
         assert len(answer["choices"][0]["message"]["content"]) > 10_000_000
         assert (await client.get("/health")).status_code == 200
+
+
+# The deadline once became an SSE error event written into the Content-Length body (h11
+# LocalProtocolError, "Error in ASGI Framework").
+async def test_request_timeout_while_a_slow_client_reads_a_complete_answer_breaks_nothing(
+    state_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_for(
+        state_dir, {"m": {"cmd": echo_cmd("--tokens", "10000")}}, server={"request_timeout": 1}
+    )
+    async with leak_checked_daemon(config) as (info, client):
+        assert (await client.post("/admin/models/m/load")).status_code == 200
+        body = json.dumps(chat("m", text="x" * 1000)).encode()
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(raw_address(info.url))
+        async with trio.SocketStream(sock) as stream:
+            await stream.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            received = bytearray()
+            with trio.fail_after(20):
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(4096)
+            # A slow client: request_timeout passes while the ~10 MB body is being sent.
+            await trio.sleep(2)
+            with trio.fail_after(20):
+                while not response_complete(received):
+                    chunk = await stream.receive_some(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+        head, _, payload = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(json.loads(payload)["choices"][0]["message"]["content"]) > 10_000_000
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert not errors, errors
 
 
 async def test_model_gone_just_as_a_stream_starts_gets_a_clean_answer_and_the_daemon_stays_up(

@@ -130,3 +130,20 @@ def test_listening_inodes_falls_back_to_proc_without_netlink(
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         assert listening_inodes(listener.getsockname()[1]) == {os.fstat(listener.fileno()).st_ino}
+
+
+def test_a_port_left_in_time_wait_is_free_again() -> None:
+    # The side that closes a connection first keeps its port in TIME_WAIT for a minute. A
+    # stopping model closes its connections first: its port must still be handed out again.
+    first = free_run(1)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", first))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", first))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: TIME_WAIT on its port
+        client.recv(1)
+        client.close()
+    assert not _bindable(first), "precondition: the port is in TIME_WAIT"
+    assert PortAllocator(first, first).allocate() == first

@@ -92,8 +92,9 @@ cmd = {echo}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 async def test_sigterm_to_the_daemon_stops_children_and_exits_0(
-    state_dir: Path, tmp_path: Path
+    state_dir: Path, tmp_path: Path, signum: signal.Signals
 ) -> None:
     port = free_port()
     config = tmp_path / "trioserve.toml"
@@ -122,7 +123,7 @@ async def test_sigterm_to_the_daemon_stops_children_and_exits_0(
         assert {m["state"] for m in status["models"].values()} == {"ready"}
         assert len(children_with_marker(instance)) == 2
 
-        daemon.send_signal(signal.SIGTERM)
+        daemon.send_signal(signum)
         with trio.fail_after(20):
             code = await daemon.wait()
     finally:

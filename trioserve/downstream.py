@@ -43,6 +43,7 @@ class Downstream:
         self.head_sent = False  # ...and has been sent
         self.status = 0
         self.broken = False  # a send timed out: nothing more may be sent
+        self.is_event_stream = False
 
     def _wake(self) -> None:
         # A full channel already holds a wake-up the sender has not taken yet.
@@ -54,6 +55,9 @@ class Downstream:
         assert not self.started
         self.started = True
         self.status = status
+        self.is_event_stream = any(
+            k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
+        )
         self._head = (status, headers)
         self._wake()
 

@@ -66,8 +66,12 @@ class PortAllocator:
 
     def _is_free(self, port: int) -> bool:
         # A bind test is a quick syscall, not blocking I/O, so it is fine on the event loop.
-        # No SO_REUSEADDR: we want to see a port someone else listens on as taken.
+        # With SO_REUSEADDR, as the servers we start set it: a port left in TIME_WAIT by the
+        # last child's connections is free for the next one (without it, a model restarted
+        # within a minute would find every recently used port "taken"), while a port another
+        # program listens on, or has bound without SO_REUSEADDR, still refuses the bind.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((self.host, port))
             except OSError:

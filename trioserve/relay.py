@@ -387,6 +387,11 @@ class Relay:
             if not out.head_sent:
                 out.status = error.status
                 await send_error(send, error)
+            elif not out.is_event_stream:
+                # A plain body with a Content-Length is on its way: there is no way to say
+                # "error" inside it. Sending nothing more makes Hypercorn close the connection,
+                # so the client sees a truncated answer rather than corrupt JSON.
+                return
             else:
                 # A stream has begun: one last event carries the error, then the stream ends.
                 event = b"data: " + error.body_bytes() + b"\n\n"

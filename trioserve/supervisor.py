@@ -313,6 +313,11 @@ class Supervisor:
             try:
                 child = await self._spawn(model, child_nursery, run)
                 await self._wait_ready(model, child, run)
+                # An unload may have landed while the last readiness step ran in a worker
+                # thread (not cancellable): let its cancellation take effect before `ready`.
+                await trio.lowlevel.checkpoint()
+                if model.state is not State.STARTING:
+                    return  # stopped on purpose, not a failed start: `finally` stops it
                 self._became_ready(model, run)
                 failure = await self._serve(model, child, run)
             except _StartFailed as exc:
