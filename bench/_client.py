@@ -8,6 +8,7 @@ connection (``Connection: close``), response read to EOF, chunk boundaries of SS
 Usage (prints one JSON object):
     python bench/_client.py --url http://127.0.0.1:PORT/v1/chat/completions \
         --concurrency 100 --requests 1000 --body '{"model": ...}' [--stream]
+    python bench/_client.py --url DIRECT --url2 RELAYED --requests 1000 --body ...  # paired
     python bench/_client.py --probe http://127.0.0.1:PORT/health --seconds 10 --interval 0.01
 """
 
@@ -79,15 +80,35 @@ async def _load(args: argparse.Namespace) -> dict[str, object]:
         "latencies": [r[1] for r in ok],
         "ttfb": [r[0] for r in ok],
         "events": sum(r[2] for r in ok),
+        "client_cpu_s": time.process_time(),
     }
+
+
+async def _paired(args: argparse.Namespace) -> dict[str, object]:
+    """Sequential requests alternating between --url and --url2: both see the same machine
+    at the same moments, so their difference is not drift between two runs."""
+    body = args.body.encode()
+    targets = []
+    for url in (args.url, args.url2):
+        parts = urlsplit(url)
+        targets.append((parts.hostname or "127.0.0.1", parts.port or 80, parts.path))
+    latencies: list[list[float]] = [[], []]
+    for _ in range(args.requests):
+        for i, (host, port, path) in enumerate(targets):
+            _, total, _, status = await _request(host, port, path, body)
+            if status == 200:
+                latencies[i].append(total)
+    return {"latencies": latencies[0], "latencies2": latencies[1], "requests": args.requests}
 
 
 async def _probe(args: argparse.Namespace) -> dict[str, object]:
     parts = urlsplit(args.probe)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
     samples: list[float] = []
+    offsets: list[float] = []
     failures = 0
-    end = time.perf_counter() + args.seconds
+    began = time.perf_counter()
+    end = began + args.seconds
     while time.perf_counter() < end:
         start = time.perf_counter()
         try:
@@ -99,15 +120,17 @@ async def _probe(args: argparse.Namespace) -> dict[str, object]:
             if b" 200 " not in data.split(b"\r\n", 1)[0]:
                 failures += 1
             samples.append(time.perf_counter() - start)
+            offsets.append(start - began)
         except OSError:
             failures += 1
         await asyncio.sleep(args.interval)
-    return {"samples": samples, "failures": failures}
+    return {"samples": samples, "offsets": offsets, "failures": failures}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url")
+    parser.add_argument("--url2", help="alternate sequential requests with --url (paired)")
     parser.add_argument("--probe")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1)
@@ -116,7 +139,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--interval", type=float, default=0.01)
     args = parser.parse_args()
-    result = asyncio.run(_probe(args) if args.probe else _load(args))
+    if args.probe:
+        result = asyncio.run(_probe(args))
+    elif args.url2:
+        result = asyncio.run(_paired(args))
+    else:
+        result = asyncio.run(_load(args))
     json.dump(result, sys.stdout)
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,11 +74,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_client(*args: str) -> dict[str, Any]:
+PROFILE: dict[str, Any] = {}
+
+
+def _start_profile(path: str) -> subprocess.Popen[bytes] | None:
+    if not PROFILE.get("dir"):
+        return None
+    PROFILE["n"] = PROFILE.get("n", 0) + 1
+    out = Path(PROFILE["dir"]) / f"daemon-{PROFILE['n']}.txt"
+    spy = str(Path(sys.executable).parent / "py-spy")
+    proc = subprocess.Popen(
+        [spy, "record", "-p", str(PROFILE["pid"]), "-o", str(out), "-r", "200", "-f", "raw"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)  # py-spy attaches
+    return proc
+
+
+def _run_client(*args: str, pids: list[int] | None = None) -> dict[str, Any]:
+    """Run one load; with ``pids``, also the CPU seconds each of them and the client used."""
+    cpu = _CpuWatch(pids or [])
     out = subprocess.run(
         [*CLIENT, *args], capture_output=True, text=True, check=True, preexec_fn=_raise_fd_limit
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    cpu.stop()
+    result: dict[str, Any] = json.loads(out.stdout)
+    result["cpu"] = cpu.summary() + f", {result.get('client_cpu_s', 0):.1f}"
+    return result
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -110,31 +134,58 @@ def _body(model: str, stream: bool) -> str:
 
 
 def _both(
-    direct: str, relayed: str, path: str, extra: list[str], probe: bool = False, **kw: Any
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    direct: str,
+    relayed: str,
+    path: str,
+    extra: list[str],
+    probe: bool = False,
+    pids: list[int] | None = None,
+    **kw: Any,
+) -> tuple[
+    dict[str, Any],
+    dict[str, Any],
+    dict[str, Any] | None,
+    dict[str, Any] | None,
+    dict[str, Any] | None,
+]:
     results = []
     probes: list[dict[str, Any] | None] = []
+    floor: dict[str, Any] | None = None
     for base in (direct, relayed):
-        probe_proc = None
+        probe_procs = []
         if probe:
-            probe_proc = subprocess.Popen(
-                [*CLIENT, "--probe", base + "/health", "--seconds", str(kw.get("probe_s", 4))],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        results.append(_run_client("--url", base + path, *extra))
-        if probe_proc is not None:
-            out, _ = probe_proc.communicate()
-            probes.append(json.loads(out))
-        else:
-            probes.append(None)
-    return results[0], results[1], probes[0], probes[1]
+            targets = [base]
+            if base == relayed and kw.get("floor_url"):
+                targets.append(kw["floor_url"])
+            probe_procs = [
+                subprocess.Popen(
+                    [*CLIENT, "--probe", target + "/health", "--seconds", str(kw["probe_s"])],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for target in targets
+            ]
+        # The daemon's CPU only counts in the relayed run; the backend's in both.
+        watched = (pids or [])[1:] if base == direct else pids
+        spy = _start_profile(path) if base == relayed else None
+        results.append(_run_client("--url", base + path, *extra, pids=watched))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        outs = [json.loads(p.communicate()[0]) for p in probe_procs]
+        probes.append(outs[0] if outs else None)
+        if len(outs) > 1:
+            floor = outs[1]
+    return results[0], results[1], probes[0], probes[1], floor
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=["a", "b", "c", "d", "e"])
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy the daemon during each relayed run into DIR"
+    )
     args = parser.parse_args()
     _raise_fd_limit()
     port = _free_port()
@@ -153,9 +204,21 @@ def main() -> None:
                     client.post(f"/admin/models/{name}/load").raise_for_status()
                 models = client.get("/admin/status").json()["models"]
             ports = {name: info["port"] for name, info in models.items()}
+            PROFILE.update(dir=args.profile, pid=daemon.pid)
+            floor_port = _free_port()
+            floor_server = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "_idle_health.py"), str(floor_port)],
+                stdout=subprocess.PIPE,
+            )
+            assert floor_server.stdout is not None
+            floor_server.stdout.readline()
             sampler = RssSampler(daemon.pid)
             sampler.start()
-            rows = _scenarios(args, url, ports, daemon.pid)
+            try:
+                rows = _scenarios(args, url, ports, daemon.pid, f"http://127.0.0.1:{floor_port}")
+            finally:
+                floor_server.kill()
+                floor_server.wait()
             sampler.stop.set()
             sampler.join()
             rows.append(("e", "daemon RSS at peak", f"{sampler.peak / 2**20:.1f} MiB", "", ""))
@@ -178,7 +241,7 @@ def _wait(url: str) -> None:
 
 
 def _scenarios(
-    args: argparse.Namespace, url: str, ports: dict[str, int], daemon_pid: int
+    args: argparse.Namespace, url: str, ports: dict[str, int], daemon_pid: int, floor_url: str
 ) -> list[tuple[str, str, str, str, str]]:
     rows: list[tuple[str, str, str, str, str]] = []
     chat = "/v1/chat/completions"
@@ -187,7 +250,7 @@ def _scenarios(
         return f"http://127.0.0.1:{ports[model]}"
 
     if "a" in args.only:
-        d, r, _, _ = _both(
+        d, r, _, _, _ = _both(
             base("slow"),
             url,
             chat,
@@ -215,13 +278,15 @@ def _scenarios(
         )
     if "b" in args.only:
         n = str(args.streams)
-        d, r, pd, pr = _both(
+        d, r, pd, pr, floor = _both(
             base("stream"),
             url,
             chat,
             ["--concurrency", n, "--requests", n, "--body", _body("stream", True)],
             probe=True,
             probe_s=3,
+            pids=[daemon_pid, _pid_on_port(ports["stream"])],
+            floor_url=floor_url,
         )
         rows.append(
             (
@@ -243,7 +308,14 @@ def _scenarios(
                     f"{vr / vd:.3f}×",
                 )
             )
-        assert pr is not None and pd is not None
+        rows.append(("b", "CPU s (daemon, backend, client)", r["cpu"], f"direct {d['cpu']}", ""))
+        assert pr is not None and pd is not None and floor is not None
+        if os.environ.get("BENCH_DEBUG"):
+            slow = sorted(zip(pr["samples"], pr["offsets"], strict=True), reverse=True)[:8]
+            print(
+                "slowest /health probes (ms, at s):",
+                [(round(1e3 * a, 1), round(b, 2)) for a, b in slow],
+            )
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             rows.append(
                 (
@@ -251,16 +323,27 @@ def _scenarios(
                     f"/health {label} under load",
                     f"{1000 * _pct(pr['samples'], q):.1f} ms",
                     f"backend's own {1000 * _pct(pd['samples'], q):.1f} ms",
-                    "",
+                    f"floor {1000 * _pct(floor['samples'], q):.1f} ms",
                 )
             )
     if "c" in args.only:
-        d, r, _, _ = _both(
-            base("tiny"),
-            url,
-            chat,
-            ["--concurrency", "1", "--requests", "1000", "--body", _body("tiny", False)],
+        # Paired: direct and relayed requests alternate, so both see the same machine.
+        spy = _start_profile(chat)
+        paired = _run_client(
+            "--url",
+            base("tiny") + chat,
+            "--url2",
+            url + chat,
+            "--requests",
+            "2000",
+            "--body",
+            _body("tiny", False),
         )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        d = {"latencies": paired["latencies"][100:]}  # the first ones warm up
+        r = {"latencies": paired["latencies2"][100:]}
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             added = 1000 * (_pct(r["latencies"], q) - _pct(d["latencies"], q))
             rows.append(
@@ -273,19 +356,18 @@ def _scenarios(
                 )
             )
     if "d" in args.only:
-        cpu = _CpuWatch([daemon_pid, _pid_on_port(ports["fast"])])
-        d, r, _, _ = _both(
+        d, r, _, _, _ = _both(
             base("fast"),
             url,
             chat,
             ["--concurrency", "64", "--requests", "64", "--body", _body("fast", True)],
+            pids=[daemon_pid, _pid_on_port(ports["fast"])],
         )
-        cpu.stop()
         cd, cr = d["events"] / d["wall_s"], r["events"] / r["wall_s"]
         rows.append(
             ("d", "64 streams, chunks/s", f"{cr:,.0f}", f"direct {cd:,.0f}", f"{cr / cd:.3f}×")
         )
-        rows.append(("d", "CPU s (daemon, backend)", cpu.summary(), "", ""))
+        rows.append(("d", "CPU s (daemon, backend, client)", r["cpu"], f"direct {d['cpu']}", ""))
     return rows
 
 

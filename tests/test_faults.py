@@ -44,8 +44,8 @@ from tests.test_faults_support import (
     response_complete,
 )
 from trioserve.daemon import DaemonInfo
-from trioserve.downstream import Downstream
 from trioserve.process import listens_on
+from trioserve.relay import Relay
 from trioserve.supervisor import Supervisor
 
 
@@ -488,24 +488,25 @@ def _crash_as_the_head_is_queued(
     monkeypatch: pytest.MonkeyPatch, supervisor: Supervisor, pid: int, *, streaming: bool
 ) -> None:
     """The model crashes at the worst moment: its answer (or first chunk) is in, and the
-    response head has just been handed to the client sender, not yet sent. The leases are lost
-    at once, as the supervisor does when it sees the exit; a real crash lands there only now and
-    then, under load (the race test and bench/soak.py see it happen)."""
-    start = Downstream.start
+    response head has just been made, not yet sent. The leases are lost at once, as the
+    supervisor does when it sees the exit; a real crash lands there only now and then, under
+    load (the race test and bench/soak.py see it happen)."""
+    make_headers = Relay._headers
     crashed = False
 
-    def start_then_crash(self: Downstream, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def headers_then_crash(self: Relay, response: httpx.Response) -> list[tuple[bytes, bytes]]:
         nonlocal crashed
-        start(self, status, headers)
-        kind = dict(headers).get(b"content-type", b"")
-        if not crashed and (kind == b"text/event-stream") is streaming:
+        headers = make_headers(self, response)
+        kind = response.headers.get("content-type", "")
+        if not crashed and kind.startswith("text/event-stream") is streaming:
             crashed = True
             os.kill(pid, signal.SIGKILL)
             for model in supervisor.models.values():
                 for lease in list(model.leases):
                     lease.lose(f"model {model.name!r} crashed")
+        return headers
 
-    monkeypatch.setattr(Downstream, "start", start_then_crash)
+    monkeypatch.setattr(Relay, "_headers", headers_then_crash)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,9 @@ class _Exchange:
     streaming: bool = False
     start_clock: float = field(default_factory=trio.current_time)
     client_gone: bool = False
+    # A whole answer (non-streaming): sent by the request's own task after the upstream side
+    # is done, without a sender task, in two sends.
+    reply: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
 
 
 class Relay:
@@ -121,10 +124,15 @@ class Relay:
                     f"request_timeout ({server.request_timeout:g}s) passed; the upstream "
                     "request was aborted"
                 )
-            if not exchange.out.broken:
-                # The last send happens outside the watched scope: Hypercorn queues
-                # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
-                # send would leave the connection open.
+            # The last send happens outside the watched scope: Hypercorn queues
+            # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
+            # send would leave the connection open.
+            if exchange.reply is not None:
+                status, headers, payload = exchange.reply
+                exchange.out.status = status
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": payload, "more_body": False})
+            elif not exchange.out.broken:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except* TrioserveError as group:
             await self._fail(exchange, _first_leaf(group))
@@ -189,6 +197,13 @@ class Relay:
         out = exchange.out
         error: TrioserveError | None = None
         stop_progress = trio.Event()
+        if not exchange.streaming:
+            # The answer is read whole and sent after: no sender task, no progress comments.
+            try:
+                await self._upstream(exchange, model, body, stop_progress)
+            except TrioserveError as exc:
+                error = exc
+            return error
         async with trio.open_nursery() as nursery:
             nursery.start_soon(out.run)
             if exchange.streaming and self.config.server.loading_progress:
@@ -325,8 +340,7 @@ class Relay:
             payload = first + await self._read_rest(exchange, chunks)
             headers = self._headers(response)
             headers.append((b"content-length", str(len(payload)).encode()))
-            out.start(status, headers)
-            out.write(payload)
+            exchange.reply = (status, headers, payload)
 
     def _headers(self, response: httpx.Response) -> list[tuple[bytes, bytes]]:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() in _PASSED_HEADERS]

@@ -1,0 +1,147 @@
+"""``/health`` without the event loop: answered at accept time or by the take-over thread, even
+while the loop is blocked; every other request still reaches Hypercorn intact."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import echo_cmd, make_config, running_daemon
+from trioserve import listener
+from trioserve.listener import Verdict, classify
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "verdict"),
+    [
+        (HEALTH, Verdict.HEALTH),
+        (b"HEAD /health HTTP/1.0\r\n\r\n", Verdict.HEALTH),
+        (b"GET /heal", Verdict.WAIT),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n", Verdict.WAIT),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", Verdict.OTHER),
+        (b"GET /health?verbose=1 HTTP/1.1\r\n\r\n", Verdict.OTHER),
+        (b"POST /health HTTP/1.1\r\n\r\n", Verdict.OTHER),
+        (b"POST /v1/chat/completions HTTP/1.1\r\n", Verdict.OTHER),
+        (b"GET /health HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", Verdict.OTHER),
+        (b"", Verdict.GONE),
+    ],
+)
+def test_first_bytes_are_classified(first_bytes: bytes, verdict: Verdict) -> None:
+    assert classify(first_bytes) is verdict
+
+
+def _raw(url: str, request: bytes) -> tuple[bytes, float]:
+    """Send one raw request on a fresh connection; (whole answer, seconds it took)."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def _in_thread(url: str, request: bytes, results: list[tuple[bytes, float]]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.append(_raw(url, request)))
+    thread.start()
+    return thread
+
+
+def _config(state_dir: Path):  # type: ignore[no-untyped-def]
+    return make_config(state_dir, {"echo": {"cmd": echo_cmd()}})
+
+
+async def test_health_is_answered_while_the_event_loop_is_blocked(state_dir: Path) -> None:
+    async with running_daemon(_config(state_dir)) as (info, _client):
+        results: list[tuple[bytes, float]] = []
+        probe = _in_thread(info.url, HEALTH, results)
+        # The loop runs nothing for a second: neither an accept nor any request.
+        time.sleep(1.0)  # blocking the loop is the point
+        probe.join()
+        [(answer, seconds)] = results
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.endswith(b'{"status":"ok"}')
+        assert seconds < 0.5
+
+
+async def test_other_requests_sent_while_the_loop_is_blocked_are_served_after(
+    state_dir: Path,
+) -> None:
+    async with running_daemon(_config(state_dir)) as (info, _client):
+        results: list[tuple[bytes, float]] = []
+        request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        probe = _in_thread(info.url, request, results)
+        time.sleep(0.5)  # the thread takes the connection meanwhile
+        await trio.to_thread.run_sync(probe.join)
+        [(answer, _)] = results
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert [m["id"] for m in json.loads(body)["data"]] == ["echo"]
+
+
+async def test_health_says_stalled_when_the_loop_has_not_run(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener, "LOOP_STALL_AFTER", 0.3)
+    async with running_daemon(_config(state_dir)) as (info, client):
+        results: list[tuple[bytes, float]] = []
+
+        def late_probe() -> None:
+            time.sleep(0.8)  # the loop has been stuck longer than LOOP_STALL_AFTER by then
+            results.append(_raw(info.url, HEALTH))
+
+        probe = threading.Thread(target=late_probe)
+        probe.start()
+        time.sleep(1.5)  # a loop stuck this long is what 503 reports
+        probe.join()
+        [(answer, _)] = results
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"status":"stalled"' in answer
+        # Once the loop runs again, it is healthy again.
+        await trio.sleep(listener.LOOP_TICK + 0.1)
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+async def test_head_health_has_no_body(state_dir: Path) -> None:
+    async with running_daemon(_config(state_dir)) as (info, _client):
+        answer, _ = await trio.to_thread.run_sync(
+            _raw, info.url, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"\r\n\r\n")
+        assert b"content-length: 15" in answer
+
+
+async def test_a_client_slow_to_send_its_request_is_still_served(state_dir: Path) -> None:
+    async with running_daemon(_config(state_dir)) as (info, _client):
+
+        def slow_client() -> bytes:
+            host, port = info.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                time.sleep(listener.PEEK_WAIT + 0.3)
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+                return answer
+
+        answer = await trio.to_thread.run_sync(slow_client)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b'{"status":"ok"}')
+
+
+async def test_listening_socket_is_closed_after_shutdown(state_dir: Path) -> None:
+    async with running_daemon(_config(state_dir)) as (info, _client):
+        url = info.url
+    host, port = url.removeprefix("http://").split(":")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=2).close()

@@ -1,0 +1,382 @@
+"""``GET /health`` without waiting for the event loop: answered at accept time, and by a
+thread that takes the connections the loop is too busy to accept.
+
+Why a thread, against the habit of "no threads for your own logic": trio runs every task in one
+loop, round-robin, with no priorities. When 1,000 streams keep it busy, a new connection waits
+in the accept queue behind all the others, and each step of its request (accept, read, answer)
+waits a full pass over every runnable task: liveness probes took seconds. The thread blocks in
+the kernel instead; it needs the GIL only for microseconds per connection, and the interpreter
+hands the GIL over within ``sys.getswitchinterval()`` of asking. So ``/health`` is answered
+within milliseconds however busy the loop is. The loop's own health stays visible: while it is
+stalled, the answer is 503 (see ``LOOP_STALL_AFTER``).
+
+While the loop is idle it accepts every connection itself, with trio's own listener, and a
+request pays nothing for the thread (a hand-over from it costs ~0.5 ms on these machines).
+Only a connection left waiting ``TAKE_OVER_AFTER`` is taken by the thread. Both sides peek at
+the first bytes without reading them: a complete ``/health`` request is answered on the spot;
+any other request goes to Hypercorn unread, as if nothing had looked at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+
+import trio
+
+__all__ = ["DirectListener", "TakenOverConnections", "defer_accept"]
+
+# How long a new connection is left for the loop to accept before the thread takes it: a loop
+# that cannot accept within this long is one whose /health answer would be late.
+TAKE_OVER_AFTER = 0.001
+# Longest a connection's first bytes are waited for before it goes to trio unclassified.
+PEEK_WAIT = 0.2
+# A /health request larger than this (absurd headers) is left to Hypercorn.
+MAX_PEEK = 8192
+# Connections handed to trio but not yet taken by it. Beyond this the thread waits: the kernel's
+# accept queue holds the rest, and the loop is clearly overloaded.
+MAX_HANDED_OVER = 4096
+# The loop proves it is alive by ticking this often; a tick older than LOOP_STALL_AFTER means
+# it is stuck, and /health says so (503) instead of lying.
+LOOP_TICK = 1.0
+LOOP_STALL_AFTER = 30.0
+
+_HEALTH_LINES = (
+    b"GET /health HTTP/1.1\r\n",
+    b"GET /health HTTP/1.0\r\n",
+    b"HEAD /health HTTP/1.1\r\n",
+    b"HEAD /health HTTP/1.0\r\n",
+)
+_OK_BODY = b'{"status":"ok"}'
+_STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %ds"}'
+
+
+class Verdict(Enum):
+    HEALTH = "a complete /health request"
+    OTHER = "anything else: Hypercorn's"
+    WAIT = "not enough bytes yet to tell"
+    GONE = "closed before a byte"
+
+
+def classify(peeked: bytes) -> Verdict:
+    """What the first bytes of a connection are."""
+    if not peeked:
+        return Verdict.GONE
+    for line in _HEALTH_LINES:
+        if peeked.startswith(line):
+            end = peeked.find(b"\r\n\r\n")
+            if end < 0:
+                return Verdict.WAIT if len(peeked) < MAX_PEEK else Verdict.OTHER
+            headers = peeked[len(line) : end].lower()
+            # A body is Hypercorn's business.
+            if b"content-length:" in headers or b"transfer-encoding:" in headers:
+                return Verdict.OTHER
+            return Verdict.HEALTH
+        if line.startswith(peeked):
+            return Verdict.WAIT
+    return Verdict.OTHER
+
+
+def peek(conn: socket.socket) -> Verdict | None:
+    """Classify a non-blocking connection by its first bytes; None when none arrived yet."""
+    try:
+        peeked = conn.recv(MAX_PEEK, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return Verdict.GONE
+    return classify(peeked)
+
+
+class Liveness:
+    """The loop's heartbeat, read by whichever side answers /health."""
+
+    def __init__(self) -> None:
+        self.last_tick = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            self.last_tick = time.monotonic()
+            await trio.sleep(LOOP_TICK)
+
+    def reply(self, peeked: bytes) -> tuple[int, bytes]:
+        """For a complete /health request: how many bytes it is, and the answer to send."""
+        stalled = time.monotonic() - self.last_tick
+        if stalled > LOOP_STALL_AFTER:
+            status, body = b"503 Service Unavailable", _STALLED_BODY % int(stalled)
+        else:
+            status, body = b"200 OK", _OK_BODY
+        head = (
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+        )
+        return peeked.find(b"\r\n\r\n") + 4, head if peeked.startswith(b"HEAD ") else head + body
+
+    def answer(self, conn: socket.socket) -> None:
+        """Answer the complete /health request waiting on ``conn``, then close it."""
+        try:
+            request_size, answer = self.reply(conn.recv(MAX_PEEK, socket.MSG_PEEK))
+            # Consume the request, so that closing sends FIN rather than RST.
+            conn.recv(request_size)
+            conn.send(answer)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def defer_accept(listen_socket: socket.socket) -> None:
+    """Have the kernel report a connection only once its first bytes are here (Linux's
+    TCP_DEFER_ACCEPT, as nginx's ``deferred``): then the peek at accept time can tell a
+    /health request at once, and the thread's hand-over is rarely needed. A client that sends
+    nothing is still accepted, after about a second."""
+    if hasattr(socket, "TCP_DEFER_ACCEPT"):
+        with contextlib.suppress(OSError):
+            listen_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+
+
+def _stream(conn: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+
+
+class DirectListener(trio.abc.Listener[trio.SocketStream]):
+    """The loop's own accepts. A /health request already here is answered at once; the rare
+    connection whose first bytes are not here yet (see ``defer_accept``) waits in the thread,
+    not in the loop."""
+
+    def __init__(self, listen_socket: socket.socket, thread: TakenOverConnections) -> None:
+        self._socket = listen_socket
+        self._thread = thread
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            await trio.lowlevel.wait_readable(self._socket)
+            try:
+                conn, _ = self._socket.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # the thread took it
+            except OSError:
+                # EMFILE and friends: the thread or a later pass takes it.
+                await trio.sleep(0.01)
+                continue
+            conn.setblocking(False)
+            verdict = peek(conn)
+            if verdict is Verdict.OTHER:
+                return _stream(conn)
+            if verdict is Verdict.HEALTH:
+                self._thread.liveness.answer(conn)
+            elif verdict is Verdict.GONE:
+                conn.close()
+            else:
+                self._thread.watch(conn)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
+    """What the thread hands to trio; ``run`` owns the thread's lifetime."""
+
+    def __init__(self, listen_socket: socket.socket) -> None:
+        self.liveness = Liveness()
+        self._socket = listen_socket
+        self._send, self._receive = trio.open_memory_channel[socket.socket](math.inf)
+        self._thread: _TakeOverThread | None = None
+
+    def watch(self, conn: socket.socket) -> None:
+        """Let the thread wait for this connection's first bytes."""
+        assert self._thread is not None
+        self._thread.watch(conn)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the thread until cancelled; then stop it and wait for it."""
+        token = trio.lowlevel.current_trio_token()
+        send = self._send
+
+        def deliver(conn: socket.socket) -> None:
+            # Runs in the trio thread; it must not raise (that would crash the run).
+            try:
+                send.send_nowait(conn)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                thread.slots.release()
+                conn.close()
+
+        def hand_over(conn: socket.socket) -> None:
+            token.run_sync_soon(deliver, conn)
+
+        thread = self._thread = _TakeOverThread(self._socket, hand_over, self.liveness)
+        finished = trio.Event()
+
+        def on_finish(_outcome: object) -> None:
+            token.run_sync_soon(finished.set)
+
+        trio.lowlevel.start_thread_soon(thread.run, on_finish, name="trioserve accept take-over")
+        task_status.started()
+        try:
+            await self.liveness.run()
+        finally:
+            thread.stop()
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+            thread.close()
+            # New connections are refused from now on, not left in a queue nobody accepts.
+            trio.lowlevel.notify_closing(self._socket)
+            self._socket.close()
+            self._send.close()
+            self._drop_undelivered()
+
+    def _drop_undelivered(self) -> None:
+        while True:
+            try:
+                self._receive.receive_nowait().close()
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                return
+
+    async def accept(self) -> trio.SocketStream:
+        conn = await self._receive.receive()
+        if self._thread is not None:
+            self._thread.slots.release()
+        return _stream(conn)
+
+    async def aclose(self) -> None:
+        self._drop_undelivered()
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+class _TakeOverThread:
+    """Runs in its own thread: accept what the loop leaves waiting, wait for first bytes,
+    answer /health, hand the rest over."""
+
+    def __init__(
+        self,
+        listen_socket: socket.socket,
+        hand_over: Callable[[socket.socket], None],
+        liveness: Liveness,
+    ) -> None:
+        self.listen_socket = listen_socket
+        self.hand_over = hand_over
+        self.liveness = liveness
+        # Wakes the thread: to stop, or to watch connections the loop passed to it.
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.stopping = False
+        self.watch_queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self.slots = threading.BoundedSemaphore(MAX_HANDED_OVER)
+        self.selector = selectors.DefaultSelector()
+        self.waiting: dict[socket.socket, float] = {}
+
+    def watch(self, conn: socket.socket) -> None:
+        self.watch_queue.put(conn)
+        self._wake()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # A full buffer (BlockingIOError) already holds a wake-up.
+        with contextlib.suppress(OSError):
+            self.wake_writer.send(b"x")
+
+    def close(self) -> None:
+        self.wake_reader.close()
+        self.wake_writer.close()
+        while not self.watch_queue.empty():
+            self.watch_queue.get_nowait().close()
+
+    def run(self) -> None:
+        self.selector.register(self.listen_socket, selectors.EVENT_READ)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        take_over_at: float | None = None
+        try:
+            while not self.stopping:
+                deadlines = list(self.waiting.values())
+                if take_over_at is not None:
+                    deadlines.append(take_over_at)
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                for key, _ in self.selector.select(timeout):
+                    if key.fileobj is self.wake_reader:
+                        self._take_watched()
+                    elif key.fileobj is self.listen_socket:
+                        # A connection is waiting: the loop gets TAKE_OVER_AFTER to accept
+                        # it itself; if it is too busy to, this thread takes over.
+                        self.selector.unregister(self.listen_socket)
+                        take_over_at = time.monotonic() + TAKE_OVER_AFTER
+                    else:
+                        assert isinstance(key.fileobj, socket.socket)
+                        self._look(key.fileobj)
+                now = time.monotonic()
+                if take_over_at is not None and take_over_at <= now:
+                    take_over_at = None
+                    self._accept_all()
+                    self.selector.register(self.listen_socket, selectors.EVENT_READ)
+                for conn, deadline in list(self.waiting.items()):
+                    if deadline <= now:
+                        self._forget(conn)
+                        self._give(conn)
+        finally:
+            for conn in list(self.waiting):
+                self._forget(conn)
+                conn.close()
+            self.selector.close()
+
+    def _take_watched(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.wake_reader.recv(4096):
+                pass
+        while not self.watch_queue.empty():
+            conn = self.watch_queue.get_nowait()
+            self.waiting[conn] = time.monotonic() + PEEK_WAIT
+            self.selector.register(conn, selectors.EVENT_READ)
+            self._look(conn)
+
+    def _accept_all(self) -> None:
+        # Drain the accept queue: a probe behind 1,000 connecting clients is reached at once.
+        while True:
+            try:
+                conn, _ = self.listen_socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # EMFILE and friends: leave the rest in the kernel's queue for a moment.
+                time.sleep(0.01)
+                return
+            conn.setblocking(False)
+            self.waiting[conn] = time.monotonic() + PEEK_WAIT
+            self.selector.register(conn, selectors.EVENT_READ)
+            self._look(conn)
+
+    def _look(self, conn: socket.socket) -> None:
+        """Decide about a waiting connection, if its bytes allow it yet."""
+        verdict = peek(conn)
+        if verdict is None or verdict is Verdict.WAIT:
+            return
+        self._forget(conn)
+        if verdict is Verdict.HEALTH:
+            self.liveness.answer(conn)
+        elif verdict is Verdict.GONE:
+            conn.close()
+        else:
+            self._give(conn)
+
+    def _forget(self, conn: socket.socket) -> None:
+        del self.waiting[conn]
+        self.selector.unregister(conn)
+
+    def _give(self, conn: socket.socket) -> None:
+        self.slots.acquire()
+        try:
+            self.hand_over(conn)
+        except trio.RunFinishedError:
+            self.slots.release()
+            conn.close()
