@@ -23,6 +23,11 @@ class Admission:
         self.queued = 0
         self.admitted = 0
 
+    @property
+    def full(self) -> bool:
+        """No slot free: a new request would queue."""
+        return self._slots.value == 0
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold a slot for the body; raises ``QueueFull`` at once when the queue is full.

@@ -39,6 +39,7 @@ __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 log = logging.getLogger("trioserve")
 
 _E = TypeVar("_E", bound=BaseException)
+GC_THRESHOLDS = (10_000, 20, 20)
 # Idle keep-alive connections kept per backend; more concurrent requests open more.
 IDLE_PER_BACKEND = 64
 
@@ -261,6 +262,9 @@ async def _serve(
                 # daemon. Frozen, it is never walked again by a full collection: those walks
                 # held the GIL for 50-110 ms with 1,000 streams open, and /health with it.
                 gc.freeze()
+                # Fewer collections, each no longer: with 1,000 streams the defaults ran four
+                # 30-40 ms full collections in 3 s; these thresholds ran one (bench/load.py b).
+                gc.set_threshold(*GC_THRESHOLDS)
                 # READY only now: the listener is bound and the startup cleanup is done.
                 await notifier.ready(status=_status_line(supervisor))
                 await core.start(notifier.run_watchdog)
