@@ -99,6 +99,9 @@ async def test_huge_model_string_gets_404_quickly_and_no_metric_label(state_dir:
         with trio.fail_after(10):
             response = await client.post("/v1/chat/completions", json=chat(huge))
         assert_openai_error(response, 404, "model_not_found")
+        # The answer names the model, but not all 3 MB of it.
+        assert len(response.content) < 2_000
+        assert "mmmm" in response.json()["error"]["message"]
         # Unknown names never become metric labels: a client cannot grow /metrics (and every
         # scrape) without bound by inventing names.
         for i in range(50):
@@ -157,6 +160,21 @@ async def test_model_names_with_path_shell_and_odd_characters_are_just_unknown(
 
 
 # -- bodies over the limit, bodies too slow ------------------------------------------------------
+
+
+async def test_both_content_length_and_transfer_encoding_get_400_and_start_nothing(
+    state_dir: Path, spawns: SpawnCounter
+) -> None:
+    config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
+    async with leak_checked_daemon(config) as (info, client):
+        body = json.dumps(chat("echo")).encode()
+        chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        head = _post_head(len(body), b"Transfer-Encoding: chunked")
+        answer, _ = await raw_exchange(info.url, head + chunked)
+        assert status_of(answer) == 400, answer[:300]
+        assert b"both Content-Length and Transfer-Encoding" in answer
+        assert spawns.count("echo") == 0
+        await _still_up(client)
 
 
 async def test_chunked_body_over_the_limit_gets_413_before_it_ends(state_dir: Path) -> None:

@@ -67,12 +67,17 @@ class InvalidApiKey(TrioserveError):
         super().__init__("a valid API key is required: send it as 'Authorization: Bearer KEY'")
 
 
+NAME_SHOWN = 100
+
+
 class ModelNotFound(TrioserveError):
     status, code, type = 404, "model_not_found", "invalid_request_error"
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
         names = ", ".join(sorted(known)) or "(none configured)"
-        super().__init__(f"model {name!r} does not exist; known models: {names}")
+        # A client's 4 MB "model" string is not echoed back whole.
+        shown = name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN] + "…"
+        super().__init__(f"model {shown!r} does not exist; known models: {names}")
         self.name = name
 
 

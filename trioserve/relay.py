@@ -147,6 +147,10 @@ class Relay:
 
     async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes:
         declared = header(scope, b"content-length")
+        if declared is not None and header(scope, b"transfer-encoding") is not None:
+            # Two framings at once is how requests are smuggled past proxies that disagree
+            # on which one wins (RFC 9112 6.3): refused, not guessed.
+            raise InvalidRequest("both Content-Length and Transfer-Encoding are set")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             # Refused before reading: a client cannot make us buffer more than the limit.
             raise RequestTooLarge(limit)
