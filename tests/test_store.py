@@ -19,9 +19,33 @@ from trioserve.store import DaemonRow, InstanceLock, InstanceLocked, StateStore,
 
 
 def test_database_is_in_wal_mode(state_dir: Path) -> None:
-    StateStore(state_dir).children()
+    StateStore(state_dir).daemon_stopped("nobody")
     with sqlite3.connect(state_dir / "state.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_reading_a_missing_store_creates_nothing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "not-there"
+    store = StateStore(state_dir)
+    assert store.children() == []
+    assert store.daemons() == []
+    assert store.latest_daemon() is None
+    assert not state_dir.exists()
+
+
+def test_reads_open_the_store_read_only(state_dir: Path) -> None:
+    store = StateStore(state_dir)
+    store.record_daemon(DaemonRow("abc", 42, 1000.5, "boot", "http://127.0.0.1:1", 1001.0, None))
+    # Root ignores file modes, so a read-only file proves nothing here; a store whose file is
+    # replaced by one without the schema must read as empty rather than be written to.
+    (state_dir / "state.db").unlink()
+    for leftover in state_dir.glob("state.db-*"):
+        leftover.unlink()
+    sqlite3.connect(state_dir / "state.db").close()  # an empty database
+    assert StateStore(state_dir).children() == []
+    with sqlite3.connect(state_dir / "state.db") as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []  # reading did not create the schema
 
 
 def test_daemon_row_round_trip(state_dir: Path) -> None:

@@ -97,6 +97,7 @@ class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / "state.db"
+        self._schema_ready = False
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -105,11 +106,28 @@ class StateStore:
         # and sqlite3 connections must not cross threads.
         conn = sqlite3.connect(self.path, timeout=10)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if not self._schema_ready:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                self._schema_ready = True
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
             with conn:
                 yield conn
+        finally:
+            conn.close()
+
+    def _read(self, query: str) -> list[Any]:
+        """Rows of a query, opened read-only: ``status`` and ``cleanup`` read a state dir they
+        may not own (systemd's) and must never create one. No store yet: no rows."""
+        if not self.path.exists():
+            return []
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(query).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []  # created, not yet written by its daemon
+            raise
         finally:
             conn.close()
 
@@ -138,9 +156,7 @@ class StateStore:
             )
 
     def daemons(self) -> list[DaemonRow]:
-        with self._connect() as conn:
-            rows = conn.execute("SELECT * FROM daemon ORDER BY started_at").fetchall()
-        return [DaemonRow(*row) for row in rows]
+        return [DaemonRow(*row) for row in self._read("SELECT * FROM daemon ORDER BY started_at")]
 
     def latest_daemon(self) -> DaemonRow | None:
         rows = self.daemons()
@@ -194,9 +210,7 @@ class StateStore:
         query = "SELECT * FROM children"
         if live_only:
             query += " WHERE stopped_at IS NULL"
-        with self._connect() as conn:
-            rows = conn.execute(query + " ORDER BY id").fetchall()
-        return [_child(row) for row in rows]
+        return [_child(row) for row in self._read(query + " ORDER BY id")]
 
 
 def _child(row: Sequence[Any]) -> ChildRow:
