@@ -145,3 +145,18 @@ async def test_listening_socket_is_closed_after_shutdown(state_dir: Path) -> Non
     host, port = url.removeprefix("http://").split(":")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=2).close()
+
+
+async def test_a_failed_take_over_thread_is_logged_and_the_daemon_keeps_serving(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: object) -> None:
+        raise RuntimeError("take-over thread broke")
+
+    monkeypatch.setattr(listener._TakeOverThread, "run", broken)
+    async with running_daemon(_config(state_dir)) as (_info, client):
+        # The loop accepts everything itself, /health included.
+        assert (await client.get("/health")).json() == {"status": "ok"}
+        assert (await client.get("/v1/models")).status_code == 200
+    assert "the accept take-over thread failed" in caplog.text
+    assert "take-over thread broke" in caplog.text

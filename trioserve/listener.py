@@ -20,6 +20,7 @@ any other request goes to Hypercorn unread, as if nothing had looked at it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
 import selectors
@@ -32,6 +33,8 @@ from enum import Enum
 import trio
 
 __all__ = ["DirectListener", "TakenOverConnections", "defer_accept"]
+
+log = logging.getLogger(__name__)
 
 # How long a new connection is left for the loop to accept before the thread takes it: a loop
 # that cannot accept within this long is one whose /health answer would be late.
@@ -215,7 +218,11 @@ class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
         thread = self._thread = _TakeOverThread(self._socket, hand_over, self.liveness)
         finished = trio.Event()
 
-        def on_finish(_outcome: object) -> None:
+        def on_finish(result: object) -> None:
+            error = getattr(result, "error", None)  # an outcome.Error
+            if error is not None:
+                # The loop still accepts everything itself; only the fast /health is gone.
+                log.error("the accept take-over thread failed", exc_info=error)
             token.run_sync_soon(finished.set)
 
         trio.lowlevel.start_thread_soon(thread.run, on_finish, name="trioserve accept take-over")
