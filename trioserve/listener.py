@@ -10,11 +10,12 @@ hands the GIL over within ``sys.getswitchinterval()`` of asking. So ``/health`` 
 within milliseconds however busy the loop is. The loop's own health stays visible: while it is
 stalled, the answer is 503 (see ``LOOP_STALL_AFTER``).
 
-While the loop is idle it accepts every connection itself, with trio's own listener, and a
-request pays nothing for the thread (a hand-over from it costs ~0.5 ms on these machines).
-Only a connection left waiting ``TAKE_OVER_AFTER`` is taken by the thread. Both sides peek at
-the first bytes without reading them: a complete ``/health`` request is answered on the spot;
-any other request goes to Hypercorn unread, as if nothing had looked at it.
+While the loop is idle it accepts every connection itself (``DirectListener``), and a request
+pays nothing for the thread (a hand-over from it costs ~0.5 ms on these machines). Only a
+connection left waiting ``TAKE_OVER_AFTER`` is taken by the thread. Both sides peek at the
+first bytes without reading them: a complete ``/health`` request is answered on the spot; any
+other request goes to Hypercorn unread, as if nothing had looked at it. A connection with no
+bytes yet (rare: ``defer_accept``) waits in the thread for at most ``PEEK_WAIT``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %
 class Verdict(Enum):
     HEALTH = "a complete /health request"
     OTHER = "anything else: Hypercorn's"
-    WAIT = "not enough bytes yet to tell"
+    WAIT = "the start of a /health request, unfinished"
     GONE = "closed before a byte"
 
 
@@ -172,14 +173,16 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
                 continue
             conn.setblocking(False)
             verdict = peek(conn)
-            if verdict is Verdict.OTHER:
+            if verdict is Verdict.OTHER or verdict is Verdict.WAIT:
+                # An unfinished /health head is Hypercorn's too: waiting here for the rest
+                # would mean polling a socket that stays readable.
                 return _stream(conn)
             if verdict is Verdict.HEALTH:
                 self._thread.liveness.answer(conn)
             elif verdict is Verdict.GONE:
                 conn.close()
             else:
-                self._thread.watch(conn)
+                self._thread.watch(conn)  # no bytes yet
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -366,14 +369,16 @@ class _TakeOverThread:
     def _look(self, conn: socket.socket) -> None:
         """Decide about a waiting connection, if its bytes allow it yet."""
         verdict = peek(conn)
-        if verdict is None or verdict is Verdict.WAIT:
-            return
+        if verdict is None:
+            return  # still no bytes: the selector says when they come
         self._forget(conn)
         if verdict is Verdict.HEALTH:
             self.liveness.answer(conn)
         elif verdict is Verdict.GONE:
             conn.close()
         else:
+            # OTHER, or an unfinished /health head: a readable socket cannot be waited on
+            # for "more" without spinning, and Hypercorn handles slow heads anyway.
             self._give(conn)
 
     def _forget(self, conn: socket.socket) -> None:
