@@ -160,3 +160,25 @@ async def test_a_failed_take_over_thread_is_logged_and_the_daemon_keeps_serving(
         assert (await client.get("/v1/models")).status_code == 200
     assert "the accept take-over thread failed" in caplog.text
     assert "take-over thread broke" in caplog.text
+
+
+def test_the_thread_never_blocks_a_stop_while_trio_takes_no_more_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(listener, "MAX_HANDED_OVER", 1)
+    handed: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        thread = listener._TakeOverThread(server, handed.append, listener.Liveness())
+        first, second = socket.socketpair()
+        try:
+            thread._give(first)  # takes the only slot; trio never takes it (shutting down)
+            thread.stop()
+            started = time.monotonic()
+            thread._give(second)  # would wait for a slot forever
+            assert time.monotonic() - started < 1
+            assert handed == [first]
+            assert second.fileno() == -1  # closed, not leaked
+        finally:
+            first.close()
+            second.close()
+            thread.close()

@@ -386,7 +386,12 @@ class _TakeOverThread:
         self.selector.unregister(conn)
 
     def _give(self, conn: socket.socket) -> None:
-        self.slots.acquire()
+        # Blocks while trio has MAX_HANDED_OVER connections not yet taken; never past a stop
+        # (trio takes none then, and shutdown waits for this thread).
+        while not self.slots.acquire(timeout=0.1):
+            if self.stopping:
+                conn.close()
+                return
         try:
             self.hand_over(conn)
         except trio.RunFinishedError:
