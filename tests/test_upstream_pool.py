@@ -8,11 +8,14 @@ import socket
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from tests.conftest import echo_cmd, make_config, running_daemon
 from tests.test_echo_backend import chat, echo_backend, free_port, stop
 from trioserve.upstream import KeepAlivePool, upstream_client
 
@@ -143,3 +146,20 @@ async def test_closing_the_pool_while_cancelled_still_closes_every_connection() 
             await http.aclose()
         assert all(c.is_closed() for c in connections)
         assert pool.idle_count == 0
+
+
+async def test_a_failing_sweep_is_logged_and_the_daemon_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken_sweep(self: KeepAlivePool) -> None:
+        raise OSError("sweep broke")
+
+    monkeypatch.setattr(KeepAlivePool, "sweep", broken_sweep)
+    state_dir = tmp_path / "state"
+    config = make_config(state_dir, {"echo": {"cmd": echo_cmd()}})
+    async with running_daemon(config) as (_info, client):
+        # Loading publishes lifecycle events, each of which runs a sweep.
+        assert (await client.post("/admin/models/echo/load")).status_code == 200
+        response = await client.post("/v1/chat/completions", json=chat("hi"))
+        assert response.status_code == 200
+    assert "closing idle upstream connections failed" in caplog.text

@@ -306,7 +306,11 @@ async def _sweep_on_model_events(pool: KeepAlivePool, supervisor: Supervisor) ->
     """A model that stopped or crashed leaves idle connections to a dead port: close them."""
     async with supervisor.events.subscribe() as receive:
         async for _event in receive:
-            await pool.sweep()
+            try:
+                await pool.sweep()
+            except Exception:
+                # Housekeeping: a failure here must not take the daemon down.
+                log.exception("closing idle upstream connections failed")
 
 
 async def _report_status(notifier: SystemdNotifier, supervisor: Supervisor) -> None:
