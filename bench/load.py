@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import psutil
+from _daemon import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, str(ROOT / "bench" / "_client.py")]
@@ -198,7 +199,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait(url)
+            wait_healthy(url, daemon)
             with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
                 for name in ("slow", "stream", "fast", "tiny"):
                     client.post(f"/admin/models/{name}/load").raise_for_status()
@@ -226,18 +227,6 @@ def main() -> None:
         finally:
             daemon.terminate()
             daemon.wait(30)
-
-
-def _wait(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("daemon did not start")
 
 
 def _scenarios(

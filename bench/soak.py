@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import psutil
 import trio
+from _daemon import wait_healthy
 
 from trioserve.http_server import KEEP_ALIVE_TIMEOUT
 
@@ -375,20 +376,6 @@ class Traffic:
                 nursery.cancel_scope.cancel()
 
 
-def _wait_healthy(url: str, daemon: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited with {daemon.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("the daemon did not become healthy within 30 s")
-
-
 def _idle(url: str, instance: str, pid: int) -> None:
     """Unload every model and wait until no model process is left: the state the start
     figures were taken in."""
@@ -464,7 +451,7 @@ def main() -> int:
                 stderr=err,
             )
         try:
-            _wait_healthy(url, daemon)
+            wait_healthy(url, daemon)
             instance = httpx.get(url + "/admin/status", trust_env=False).json()["instance"]
             start_fds, start_rss = _figures(daemon.pid)
             sampler = Sampler(daemon.pid, instance)
