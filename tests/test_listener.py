@@ -24,8 +24,8 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     [
         (HEALTH, Verdict.HEALTH),
         (b"HEAD /health HTTP/1.0\r\n\r\n", Verdict.HEALTH),
-        (b"GET /heal", Verdict.WAIT),
-        (b"GET /health HTTP/1.1\r\nHost: x\r\n", Verdict.WAIT),
+        (b"GET /heal", Verdict.OTHER),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n", Verdict.OTHER),
         (b"GET /healthz HTTP/1.1\r\n\r\n", Verdict.OTHER),
         (b"GET /health?verbose=1 HTTP/1.1\r\n\r\n", Verdict.OTHER),
         (b"POST /health HTTP/1.1\r\n\r\n", Verdict.OTHER),

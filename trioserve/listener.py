@@ -64,27 +64,25 @@ _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %
 
 class Verdict(Enum):
     HEALTH = "a complete /health request"
-    OTHER = "anything else: Hypercorn's"
-    WAIT = "the start of a /health request, unfinished"
+    OTHER = "anything else, an unfinished /health head included: Hypercorn's"
     GONE = "closed before a byte"
 
 
 def classify(peeked: bytes) -> Verdict:
-    """What the first bytes of a connection are."""
+    """What the first bytes of a connection are. An unfinished /health head is Hypercorn's:
+    waiting for the rest would mean polling a socket that stays readable, and Hypercorn
+    handles slow heads anyway."""
     if not peeked:
         return Verdict.GONE
     for line in _HEALTH_LINES:
         if peeked.startswith(line):
+            # Searched from the start: with no headers, the request line's CRLF is half of it.
             end = peeked.find(b"\r\n\r\n")
-            if end < 0:
-                return Verdict.WAIT if len(peeked) < MAX_PEEK else Verdict.OTHER
             headers = peeked[len(line) : end].lower()
             # A body is Hypercorn's business.
-            if b"content-length:" in headers or b"transfer-encoding:" in headers:
+            if end < 0 or b"content-length:" in headers or b"transfer-encoding:" in headers:
                 return Verdict.OTHER
             return Verdict.HEALTH
-        if line.startswith(peeked):
-            return Verdict.WAIT
     return Verdict.OTHER
 
 
@@ -173,9 +171,7 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
                 continue
             conn.setblocking(False)
             verdict = peek(conn)
-            if verdict is Verdict.OTHER or verdict is Verdict.WAIT:
-                # An unfinished /health head is Hypercorn's too: waiting here for the rest
-                # would mean polling a socket that stays readable.
+            if verdict is Verdict.OTHER:
                 return _stream(conn)
             if verdict is Verdict.HEALTH:
                 self._thread.liveness.answer(conn)
@@ -377,8 +373,6 @@ class _TakeOverThread:
         elif verdict is Verdict.GONE:
             conn.close()
         else:
-            # OTHER, or an unfinished /health head: a readable socket cannot be waited on
-            # for "more" without spinning, and Hypercorn handles slow heads anyway.
             self._give(conn)
 
     def _forget(self, conn: socket.socket) -> None:
