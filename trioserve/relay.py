@@ -2,8 +2,8 @@
 
 Written against raw ASGI rather than through Quart: this is the per-chunk hot path, and each
 framework layer a chunk passes through costs throughput and event-loop time that ``/health``
-and every other stream then wait for. Every send to the client is done by a ``Downstream``
-task, outside the lease, so losing the model never cancels a send half-way.
+and every other stream then wait for. Sends to the client go through ``Downstream``: whatever one
+upstream read brought is sent in one piece just before the next upstream read.
 
 Deadlines are cancel scopes at the call site: ``request_timeout`` around everything,
 ``first_byte_timeout`` around queue + start + first upstream byte, ``stream_idle_timeout``
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import trio
 
 from .asgi import Receive, Scope, Send, header, send_error
 from .config import Config
-from .downstream import HIGH_WATER, Downstream
+from .downstream import Downstream
 from .errors import (
     InvalidRequest,
     RequestTimeout,
@@ -36,6 +37,7 @@ from .lifecycle import State
 from .metrics import Metrics
 from .model import ManagedModel
 from .supervisor import Supervisor
+from .upstream import LeanStream
 
 __all__ = ["Relay", "RelayPaths"]
 
@@ -59,6 +61,8 @@ BODY_READ_TIMEOUT = 30.0
 # After this long without a ready model, a streaming client starts getting progress comments.
 PROGRESS_AFTER = 1.0
 PROGRESS_EVERY = 1.0
+# At most this late (and at most 1/8 of the timeout) a stalled stream is cut.
+IDLE_SLACK = 0.5
 # Copied from the upstream response; hop-by-hop and length headers are ours to set.
 _PASSED_HEADERS = frozenset({b"content-type", b"cache-control", b"x-request-id"})
 
@@ -94,6 +98,7 @@ class Relay:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(scope, Downstream(send))
         server = self.config.server
+        answered = False
         try:
             with trio.move_on_after(server.request_timeout) as whole:
                 with trio.move_on_after(BODY_READ_TIMEOUT) as body_read:
@@ -132,13 +137,23 @@ class Relay:
                 exchange.out.status = status
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": payload, "more_body": False})
-            elif not exchange.out.broken:
+            else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            answered = True
         except* TrioserveError as group:
             await self._fail(exchange, _first_leaf(group))
+            answered = True
         except* _ClientGone:
             self.metrics.cancelled(exchange.model or "-")
+            answered = True
         finally:
+            if not answered and trio.current_effective_deadline() == -math.inf:
+                # Cancelled from outside: the daemon stops and its grace for requests has
+                # passed. The client gets an error it can read (shielded, bounded) rather than
+                # a bare 500 from Hypercorn or a dropped connection.
+                await self._fail(
+                    exchange, UpstreamError("trioserve is shutting down; the request was aborted")
+                )
             self.metrics.finished(
                 exchange.model or "-",
                 exchange.out.status or 499,
@@ -193,23 +208,14 @@ class Relay:
     async def _serve(
         self, exchange: _Exchange, model: ManagedModel, body: bytes
     ) -> TrioserveError | None:
-        """Run the upstream side next to the client sender; returns the error to report.
+        """Run the upstream side (and progress comments); returns the error to report.
 
-        A ``TrioserveError`` is caught here, not raised through the nursery, so the sender
-        first sends everything already queued (a stream's last chunks) before the error event.
+        A ``TrioserveError`` is returned, not raised through the nursery, so that ``_fail``
+        can first send a stream's last chunks, then the error event.
         """
-        out = exchange.out
         error: TrioserveError | None = None
         stop_progress = trio.Event()
-        if not exchange.streaming:
-            # The answer is read whole and sent after: no sender task, no progress comments.
-            try:
-                await self._upstream(exchange, model, body, stop_progress)
-            except TrioserveError as exc:
-                error = exc
-            return error
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.run)
             # Progress comments only when this request may have to wait (a model not ready,
             # or no free slot): the extra task cost ~0.3 ms of time to first byte otherwise.
             may_wait = model.state is not State.READY or model.admission.full
@@ -221,7 +227,6 @@ class Relay:
                 error = exc
             finally:
                 stop_progress.set()
-                out.close()
         return error
 
     async def _progress(self, exchange: _Exchange, name: str, stop: trio.Event) -> None:
@@ -237,8 +242,9 @@ class Relay:
             else:
                 line = f": loading model {name} ({waited:.1f}s)\n\n"
             if not out.started:
-                out.start(200, _SSE_HEADERS)
+                await out.start(200, _SSE_HEADERS)
             out.write(line.encode())
+            await out.flush()
             with trio.move_on_after(PROGRESS_EVERY):
                 await stop.wait()
 
@@ -336,11 +342,11 @@ class Relay:
                     + rest.decode("utf-8", "replace")[:500]
                 )
             out.write(first)
-            await self._stream_rest(exchange, chunks)
+            await self._stream_rest(exchange, response, chunks)
         elif exchange.streaming and status == 200:
-            out.start(200, self._headers(response))
+            await out.start(200, self._headers(response))
             out.write(first)
-            await self._stream_rest(exchange, chunks)
+            await self._stream_rest(exchange, response, chunks)
         else:
             # Non-streaming answers are read whole before we answer, so an upstream that dies
             # half-way gives the client a clean 502 rather than truncated JSON.
@@ -356,21 +362,38 @@ class Relay:
             headers.append(_CLOSE)
         return headers
 
-    async def _stream_rest(self, exchange: _Exchange, chunks: Any) -> None:
+    async def _stream_rest(
+        self, exchange: _Exchange, response: httpx.Response, chunks: Any
+    ) -> None:
         out = exchange.out
         idle = self.config.server.stream_idle_timeout
-        # One scope whose deadline moves with each chunk: cheaper than a scope per chunk.
-        with trio.CancelScope(deadline=trio.current_time() + idle) as gap:
+        # Our pool's connections send what we hold just before each read of theirs: one send
+        # per upstream read, however many chunks it carried. Any other: one send per chunk.
+        network = response.extensions.get("network_stream")
+        lean = network if isinstance(network, LeanStream) else None
+        if lean is not None:
+            lean.before_read = out.flush
+        slack = _idle_slack(idle)
+        # One scope for the whole stream, its deadline moved at most once per `slack`: a
+        # scope per chunk, or a deadline moved per chunk, costs more than the chunk's send.
+        with trio.CancelScope(deadline=trio.current_time() + idle + slack) as gap:
             try:
                 async for chunk in chunks:
                     out.write(chunk)
-                    if out.pending > HIGH_WATER:
-                        await out.wait_for_space()
-                    gap.deadline = trio.current_time() + idle
+                    if lean is None:
+                        await out.flush()
+                    now = trio.current_time()
+                    if gap.deadline < now + idle:
+                        gap.deadline = now + idle + slack
             except httpx.HTTPError as exc:
                 raise UpstreamError(
                     f"model {exchange.model!r} closed the stream mid-answer: {exc!r}"
                 ) from exc
+            finally:
+                # The connection goes back to the pool, to serve other requests.
+                if lean is not None:
+                    lean.before_read = None
+            await out.flush()
         if gap.cancelled_caught:
             raise RequestTimeout(
                 f"model {exchange.model!r} sent nothing for stream_idle_timeout "
@@ -380,11 +403,14 @@ class Relay:
     async def _read_rest(self, exchange: _Exchange, chunks: Any) -> bytes:
         parts: list[bytes] = []
         idle = self.config.server.stream_idle_timeout
-        with trio.CancelScope(deadline=trio.current_time() + idle) as gap:
+        slack = _idle_slack(idle)
+        with trio.CancelScope(deadline=trio.current_time() + idle + slack) as gap:
             try:
                 async for chunk in chunks:
                     parts.append(chunk)
-                    gap.deadline = trio.current_time() + idle
+                    now = trio.current_time()
+                    if gap.deadline < now + idle:
+                        gap.deadline = now + idle + slack
             except httpx.HTTPError as exc:
                 raise UpstreamError(
                     f"model {exchange.model!r} closed the connection mid-answer: {exc!r}"
@@ -401,23 +427,27 @@ class Relay:
         if isinstance(error, RequestTimeout):
             self.metrics.cancelled(model)
         out = exchange.out
-        if out.broken:
-            return
-        send = out.raw_send
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-            if not out.head_sent:
+            if not out.started:
                 out.status = error.status
-                await send_error(send, error)
+                await send_error(out.send, error)
             elif not out.is_event_stream:
                 # A plain body with a Content-Length is on its way: there is no way to say
                 # "error" inside it. Sending nothing more makes Hypercorn close the connection,
                 # so the client sees a truncated answer rather than corrupt JSON.
                 return
             else:
-                # A stream has begun: one last event carries the error, then the stream ends.
-                event = b"data: " + error.body_bytes() + b"\n\n"
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # A stream has begun: its last chunks, one last event with the error, the end.
+                out.write(b"data: " + error.body_bytes() + b"\n\n")
+                await out.flush()
+                await out.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _idle_slack(idle: float) -> float:
+    """How late past ``stream_idle_timeout`` a stalled upstream may be noticed: the deadline
+    moves only when less than ``idle`` is left, so it fires between ``idle`` and
+    ``idle + slack`` after the last chunk."""
+    return min(IDLE_SLACK, idle / 8)
 
 
 def _first_leaf(group: BaseExceptionGroup[TrioserveError]) -> TrioserveError:

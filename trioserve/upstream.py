@@ -11,33 +11,63 @@ themselves are httpcore's, and httpx does everything around them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import httpcore
 import httpx
 import trio
 
-__all__ = ["KeepAlivePool", "upstream_client"]
+__all__ = ["KeepAlivePool", "LeanStream", "upstream_client"]
 
 _Key = tuple[bytes, bytes, int]
 
 
-class _LeanStream(httpcore.AsyncNetworkStream):
-    """A trio stream for httpcore without a cancel scope and two context managers per read
-    and write (httpcore's own ``TrioStream``): the relay's deadlines are its own cancel
-    scopes, so httpcore is never given a timeout, and per relayed chunk this was ~8% of the
-    daemon's CPU with 1,000 streams open."""
+class LeanStream(httpcore.AsyncNetworkStream):
+    """A trio stream for httpcore that reads with fewer syscalls and scheduler trips.
+
+    httpcore's own ``TrioStream`` enters a cancel scope and two context managers per read and
+    write; the relay's deadlines are its own cancel scopes, so httpcore is never given a
+    timeout. And trio's ``receive_some`` first tries ``recv`` (which fails while the backend is
+    still generating), then waits, then receives and checkpoints once more. After a read that
+    drained the socket, this waits first and receives once, and the wait is the checkpoint:
+    per relayed chunk one syscall and one trip through the scheduler fewer.
+
+    ``before_read``, when set, is awaited before each read: the relay sends the client what
+    the previous read brought (h11 reads only once every event of the last read was taken).
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
+        # Nothing is there yet when a response is first read: the request was just sent.
+        self._drained = True
+        self.before_read: Callable[[], Awaitable[None]] | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore interface)
         assert timeout is None, "the relay's cancel scopes are the deadlines"
+        if self.before_read is not None:
+            await self.before_read()
+        sock = self._stream.socket
+        waited = False
         try:
-            return await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            while True:
+                if self._drained:
+                    await trio.lowlevel.wait_readable(sock)
+                    waited = True
+                try:
+                    # fileno() each time: -1 (EBADF) once closed, never another connection's.
+                    data = os.read(sock.fileno(), max_bytes)
+                    break
+                except BlockingIOError:
+                    self._drained = True
+        except (OSError, trio.ClosedResourceError) as exc:
             raise httpcore.ReadError(exc) from exc
+        if not waited:
+            # Data was already there: still a checkpoint, as every trio read is.
+            await trio.lowlevel.checkpoint()
+        self._drained = len(data) < max_bytes
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore interface)
         assert timeout is None, "the relay's cancel scopes are the deadlines"
@@ -72,7 +102,7 @@ class _LeanBackend(httpcore.TrioBackend):
             stream = await trio.open_tcp_stream(host, port, local_address=local_address)
         except OSError as exc:
             raise httpcore.ConnectError(exc) from exc
-        return _LeanStream(stream)
+        return LeanStream(stream)
 
 
 class KeepAlivePool:

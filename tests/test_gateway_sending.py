@@ -1,0 +1,127 @@
+"""Sending to clients: a client slower than its stream still gets every byte in order, a client
+that stops reading is cut off (its upstream request aborted), and what one upstream read brought
+goes out in one send."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.gateway_helpers import backend_port, chat, wait_for_stats, wait_for_status
+from trioserve import http_server
+from trioserve.backends.echo import reply_tokens
+from trioserve.downstream import Downstream
+
+WORDS = " ".join(f"w{i}" for i in range(50))
+
+
+def _stream_request(url: str, body: dict[str, Any], receive_buffer: int) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    # A small receive window, so the daemon's sends soon find the socket full.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    sock.setblocking(False)
+    return sock
+
+
+async def _read_to_end(sock: socket.socket, within: float) -> bytes:
+    received = bytearray()
+    with trio.fail_after(within):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            received += data
+    return bytes(received)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(out)
+        out += body[:size]
+        body = body[size + 2 :]
+
+
+async def test_a_client_slower_than_its_stream_gets_every_token_in_order(
+    state_dir: Path,
+) -> None:
+    tokens = 20_000  # ~3 MB of events: far more than the socket buffers hold
+    config = make_config(
+        state_dir, {"echo": {"cmd": echo_cmd("--tokens", str(tokens), "--token-delay", "0")}}
+    )
+    async with running_daemon(config) as (info, client):
+        await client.post("/admin/models/echo/load")
+        sock = _stream_request(info.url, chat(stream=True, text=WORDS), 4096)
+        with sock:
+            # The daemon fills the socket and must wait for us (partial writes).
+            await trio.sleep(0.5)
+            raw = await _read_to_end(sock, within=60)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        events = [e for e in _dechunk(body).split(b"\n\n") if e.startswith(b"data: {")]
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events)
+        assert text == "".join(reply_tokens(WORDS, tokens))
+        assert _dechunk(body).endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_aborted(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_server, "SEND_LIMIT", 1.0)
+    config = make_config(
+        state_dir, {"echo": {"cmd": echo_cmd("--tokens", "1000000", "--token-delay", "0")}}
+    )
+    async with running_daemon(config) as (info, client):
+        await client.post("/admin/models/echo/load")
+        port = await backend_port(client, "echo")
+        sock = _stream_request(info.url, chat(stream=True), 4096)
+        with sock:
+            await wait_for_stats(port, "started", 1)
+            started = trio.current_time()
+            # Never read: once the socket is full, SEND_LIMIT later the daemon gives up.
+            stats = await wait_for_stats(port, "cancelled", 1, within=20)
+            assert trio.current_time() - started >= 1.0
+            assert stats["completed"] == 0
+            await wait_for_status(client, "echo", "in_flight", 0)
+            # The daemon closed its side: what is buffered ends, it does not go on forever.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            await _read_to_end(sock, within=10)
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_bytes_written_before_a_flush_go_out_in_one_send() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    out = Downstream(send)
+    await out.start(200, [(b"content-type", b"text/event-stream")])
+    for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"):
+        out.write(piece)
+    await out.flush()
+    await out.flush()  # nothing held: nothing sent
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
+    assert out.is_event_stream and out.head_sent
