@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ log = logging.getLogger("trioserve")
 
 _E = TypeVar("_E", bound=BaseException)
 GC_THRESHOLDS = (10_000, 20, 20)
+SWITCH_INTERVAL = 0.001
 # Idle keep-alive connections kept per backend; more concurrent requests open more.
 IDLE_PER_BACKEND = 64
 
@@ -265,6 +267,11 @@ async def _serve(
                 # Fewer collections, each no longer: with 1,000 streams the defaults ran four
                 # 30-40 ms full collections in 3 s; these thresholds ran one (bench/load.py b).
                 gc.set_threshold(*GC_THRESHOLDS)
+                # The /health thread (listener.py) needs the GIL a few times per probe, and
+                # each time waits up to the switch interval for the busy loop to let go of it:
+                # at the default 5 ms, probes under load took up to 28 ms. Only a thread that
+                # asks for the GIL makes the loop yield it, so an idle thread costs nothing.
+                sys.setswitchinterval(SWITCH_INTERVAL)
                 # READY only now: the listener is bound and the startup cleanup is done.
                 await notifier.ready(status=_status_line(supervisor))
                 await core.start(notifier.run_watchdog)
