@@ -340,6 +340,12 @@ def _streams_rows(n: str, runs: list[Any]) -> list[tuple[str, str, str, str, str
         assert pr is not None and pd is not None and floor is not None
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             ratios[label].append(_pct(r["latencies"], q) / _pct(d["latencies"], q))
+        if os.environ.get("BENCH_DEBUG"):
+            slow = sorted(zip(pr["samples"], pr["offsets"], strict=True), reverse=True)[:8]
+            print(
+                f"b pair {i + 1}: slowest /health probes (ms, at s):",
+                [(round(1e3 * a, 1), round(b, 2)) for a, b in slow],
+            )
         if len(runs) > 1:
             print(
                 f"b pair {i + 1}: p50 {ratios['p50'][-1]:.3f}×, p99 {ratios['p99'][-1]:.3f}×, "
@@ -371,12 +377,6 @@ def _streams_rows(n: str, runs: list[Any]) -> list[tuple[str, str, str, str, str
     if label_of:
         rows.append(("b", f"(ratios: {label_of})", "", "", ""))
     rows.append(("b", "CPU s (daemon, backend, client)", r["cpu"], f"direct {d['cpu']}", ""))
-    if os.environ.get("BENCH_DEBUG"):
-        slow = sorted(zip(pr["samples"], pr["offsets"], strict=True), reverse=True)[:8]
-        print(
-            "slowest /health probes (ms, at s):",
-            [(round(1e3 * a, 1), round(b, 2)) for a, b in slow],
-        )
     # /health: the worst pair, not the median one.
     worst = max(runs, key=lambda run: _pct(run[3]["samples"], 0.99))
     pd, pr, floor = worst[2], worst[3], worst[4]

@@ -196,3 +196,35 @@ async def test_the_daemon_makes_a_busy_loop_hand_the_gil_to_the_health_thread_wi
             assert sys.getswitchinterval() == daemon.SWITCH_INTERVAL <= 0.001
     finally:
         sys.setswitchinterval(before)
+
+
+async def test_one_accept_drains_the_queue_and_answers_a_probe_queued_behind_others() -> None:
+    # 1,000 clients connecting at once must not put a probe behind hundreds of loop passes.
+    with socket.create_server(("127.0.0.1", 0)) as listen_socket:
+        listen_socket.setblocking(False)
+        address = listen_socket.getsockname()
+        others = [socket.create_connection(address) for _ in range(20)]
+        for conn in others:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        probe = socket.create_connection(address)
+        probe.sendall(HEALTH)
+        direct = listener.DirectListener(
+            listen_socket, listener.TakenOverConnections(listen_socket)
+        )
+        streams: list[trio.SocketStream] = []
+        try:
+            first = await direct.accept()
+            # Answered in that same pass, before any other connection was handed out.
+            probe.settimeout(5)
+            assert probe.recv(65536).startswith(b"HTTP/1.1 200 ")
+            # The rest come without waiting for the socket again.
+            with trio.fail_after(1):
+                streams = [first] + [await direct.accept() for _ in range(19)]
+            ports = {s.socket.getpeername()[1] for s in streams}
+            assert ports == {c.getsockname()[1] for c in others}
+        finally:
+            for stream in streams:
+                await stream.aclose()
+            for conn in [*others, probe]:
+                conn.close()
+            await direct.aclose()

@@ -33,7 +33,8 @@ BACKLOG = 4096
 KEEP_ALIVE_TIMEOUT = 5
 # Request line plus headers; larger gets 431 from h11 / 400, never our memory.
 MAX_HEADER_BYTES = 32 * 1024
-# A client that takes no byte of a response for this long is cut off.
+# A client that cannot take one send (the relay's: one upstream read, at most 64 KiB) within
+# this long is cut off.
 SEND_LIMIT = 30.0
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ class LeanTCPServer(TCPServer):
     (or a send while another waits) goes out under Hypercorn's lock, shielded. So the relay
     may send from any task, under any cancel scope.
 
-    Bounded: a client that takes nothing for ``SEND_LIMIT`` is cut off (the connection is
-    closed; its request sees the client gone). Hypercorn's own shielded send would wait for it
-    forever.
+    Bounded: a client that cannot take one send within ``SEND_LIMIT`` is cut off (the
+    connection is closed; its request sees the client gone). Hypercorn's own shielded send
+    would wait for it forever.
     """
 
     def __init__(self, *args: Any) -> None:

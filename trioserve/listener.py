@@ -20,6 +20,7 @@ bytes yet (rare: ``defer_accept``) waits in the thread for at most ``PEEK_WAIT``
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 TAKE_OVER_AFTER = 0.001
 # Longest a connection's first bytes are waited for before it goes to trio unclassified.
 PEEK_WAIT = 0.2
+# At most this many connections accepted per pass of the loop (and handed out between two
+# checkpoints): a pass stays a few milliseconds long.
+MAX_DRAIN = 256
 # A /health request larger than this (absurd headers) is left to Hypercorn.
 MAX_PEEK = 8192
 # Connections handed to trio but not yet taken by it. Beyond this the thread waits: the kernel's
@@ -152,35 +156,58 @@ def _stream(conn: socket.socket) -> trio.SocketStream:
 class DirectListener(trio.abc.Listener[trio.SocketStream]):
     """The loop's own accepts. A /health request already here is answered at once; the rare
     connection whose first bytes are not here yet (see ``defer_accept``) waits in the thread,
-    not in the loop."""
+    not in the loop.
+
+    Each time the socket is readable the whole accept queue is drained (up to ``MAX_DRAIN``):
+    when 1,000 clients connect at once, a probe among them is answered in that one pass rather
+    than after hundreds of passes of a loop busy with the others (or by the thread, which needs
+    the GIL back after every syscall). The others are handed out by the following ``accept``
+    calls without waiting: their handlers all start in the next pass.
+    """
 
     def __init__(self, listen_socket: socket.socket, thread: TakenOverConnections) -> None:
         self._socket = listen_socket
         self._thread = thread
+        self._ready: collections.deque[socket.socket] = collections.deque()
+        self._handed_since_checkpoint = 0
 
     async def accept(self) -> trio.SocketStream:
-        while True:
+        while not self._ready:
             await trio.lowlevel.wait_readable(self._socket)
+            if not self._drain():
+                # EMFILE and friends: the thread or a later pass takes it.
+                await trio.sleep(0.01)
+        self._handed_since_checkpoint += 1
+        if self._handed_since_checkpoint >= MAX_DRAIN:
+            # Still a checkpoint now and then, however long the queue.
+            self._handed_since_checkpoint = 0
+            await trio.lowlevel.checkpoint()
+        return _stream(self._ready.popleft())
+
+    def _drain(self) -> bool:
+        """Accept what is queued; False if accepting failed for lack of resources."""
+        for _ in range(MAX_DRAIN):
             try:
                 conn, _ = self._socket.accept()
             except (BlockingIOError, InterruptedError):
-                continue  # the thread took it
+                return True  # drained (or the thread took it)
             except OSError:
-                # EMFILE and friends: the thread or a later pass takes it.
-                await trio.sleep(0.01)
-                continue
+                return False
             conn.setblocking(False)
             verdict = peek(conn)
             if verdict is Verdict.OTHER:
-                return _stream(conn)
-            if verdict is Verdict.HEALTH:
+                self._ready.append(conn)
+            elif verdict is Verdict.HEALTH:
                 self._thread.liveness.answer(conn)
             elif verdict is Verdict.GONE:
                 conn.close()
             else:
                 self._thread.watch(conn)  # no bytes yet
+        return True
 
     async def aclose(self) -> None:
+        while self._ready:
+            self._ready.popleft().close()
         await trio.lowlevel.checkpoint()
 
 

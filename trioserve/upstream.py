@@ -73,8 +73,20 @@ class LeanStream(httpcore.AsyncNetworkStream):
         assert timeout is None, "the relay's cancel scopes are the deadlines"
         if not buffer:
             return
+        # A request (head and body) nearly always fits the socket at once: one write, and no
+        # checkpoint, since the read of the answer that follows is one. What did not fit goes
+        # trio's way.
+        sent = 0
         try:
-            await self._stream.send_all(buffer)
+            sent = os.write(self._stream.socket.fileno(), buffer)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
+        if sent == len(buffer):
+            return
+        try:
+            await self._stream.send_all(buffer[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.WriteError(exc) from exc
 
