@@ -98,7 +98,12 @@ async def _paired(args: argparse.Namespace) -> dict[str, object]:
             _, total, _, status = await _request(host, port, path, body)
             if status == 200:
                 latencies[i].append(total)
-    return {"latencies": latencies[0], "latencies2": latencies[1], "requests": args.requests}
+    return {
+        "latencies": latencies[0],
+        "latencies2": latencies[1],
+        "requests": args.requests,
+        "client_cpu_s": time.process_time(),
+    }
 
 
 async def _probe(args: argparse.Namespace) -> dict[str, object]:

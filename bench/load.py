@@ -298,10 +298,12 @@ def _scenarios(
             "2000",
             "--body",
             _body("tiny", False),
+            pids=[daemon_pid, _pid_on_port(ports["tiny"])],
         )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
+        rows.append(("c", "CPU s (daemon, backend, client)", paired["cpu"], "(2000 each way)", ""))
         d = {"latencies": paired["latencies"][100:]}  # the first ones warm up
         r = {"latencies": paired["latencies2"][100:]}
         for q, label in ((0.5, "p50"), (0.99, "p99")):

@@ -163,3 +163,54 @@ async def test_a_failing_sweep_is_logged_and_the_daemon_keeps_serving(
         response = await client.post("/v1/chat/completions", json=chat("hi"))
         assert response.status_code == 200
     assert "closing idle upstream connections failed" in caplog.text
+
+
+# A model server that shows each request's head in its answer, and sets a cookie each time.
+# (No braces: they would be taken for cmd placeholders.)
+HEAD_SHOWING_SERVER = """
+import http.server, json, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self, body):
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.send_header("set-cookie", "session=user-a; Path=/")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._answer(b"[]")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self._answer(json.dumps(dict(headers=dict(self.headers.items()))).encode())
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+async def test_upstream_requests_carry_no_cookies_and_ask_for_no_compression(
+    state_dir: Path,
+) -> None:
+    config = make_config(
+        state_dir, {"m": {"cmd": ["{python}", "-c", HEAD_SHOWING_SERVER, "{port}"]}}
+    )
+    async with running_daemon(config) as (_info, client):
+        seen = []
+        for user in ("a", "b"):
+            response = await client.post(
+                "/v1/chat/completions", json=chat(f"from {user}", model="m")
+            )
+            assert response.status_code == 200, response.text
+            seen.append({k.lower(): v for k, v in response.json()["headers"].items()})
+    # User a's answer set a cookie: user b's request must not carry it.
+    assert "cookie" not in seen[1], seen[1]
+    # Bodies are relayed as they come: a gzip answer would lose its Content-Encoding.
+    assert all("gzip" not in h.get("accept-encoding", "") for h in seen), seen
+    assert seen[0]["content-type"] == "application/json"

@@ -63,6 +63,10 @@ PROGRESS_AFTER = 1.0
 PROGRESS_EVERY = 1.0
 # At most this late (and at most 1/8 of the timeout) a stalled stream is cut.
 IDLE_SLACK = 0.5
+# The upstream request's headers besides Host and Content-Length. No Accept-Encoding: a
+# compressed answer would be relayed without its Content-Encoding.
+_UPSTREAM_HEADERS = {"content-type": "application/json"}
+_MAX_CACHED_URLS = 1024
 # Copied from the upstream response; hop-by-hop and length headers are ours to set.
 _PASSED_HEADERS = frozenset({b"content-type", b"cache-control", b"x-request-id"})
 
@@ -94,6 +98,7 @@ class Relay:
         self.supervisor = supervisor
         self.http = http
         self.metrics = metrics
+        self._urls: dict[str, httpx.URL] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = _Exchange(scope, Downstream(send))
@@ -279,9 +284,10 @@ class Relay:
         first_byte: trio.CancelScope,
         stop_progress: trio.Event,
     ) -> None:
-        request = self.http.build_request(
-            "POST", url, content=body, headers={"content-type": "application/json"}
-        )
+        # Built by hand, not by the client: no client-wide headers or cookies are merged in
+        # (the body is forwarded as it came, and nothing of one user's exchange reaches
+        # another's), and the URL is parsed once per model and path.
+        request = httpx.Request("POST", self._url(url), content=body, headers=_UPSTREAM_HEADERS)
         response = await self._send_upstream(exchange, request)
         try:
             async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
@@ -291,6 +297,14 @@ class Relay:
             # what tells the backend to stop generating.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 await response.aclose()
+
+    def _url(self, url: str) -> httpx.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_CACHED_URLS:
+                self._urls.clear()  # ports change as models restart
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     async def _send_upstream(self, exchange: _Exchange, request: httpx.Request) -> httpx.Response:
         # A pooled connection the server has just closed (llama-server closes after every

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpcore
@@ -249,5 +250,10 @@ def upstream_client(pool: KeepAlivePool) -> httpx.AsyncClient:
     """The relay's one shared client. Generation can take minutes: the relay's own cancel
     scopes are the deadlines, so httpx's are off."""
     return httpx.AsyncClient(
-        transport=_Transport(pool), trust_env=False, timeout=httpx.Timeout(None)
+        transport=_Transport(pool),
+        trust_env=False,
+        timeout=httpx.Timeout(None),
+        # One client serves every user: a cookie one backend answer sets must never be sent
+        # with another user's request.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
