@@ -82,6 +82,16 @@ class LeanTCPServer(TCPServer):
         # TLS streams (not used by the gateway) have no plain socket to write to.
         self._socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
 
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            # The connection's objects reference each other (this server, its protocol and
+            # the protocol's bound methods back to it): cut here, they are freed at once by
+            # reference counting instead of piling up for the garbage collector, whose pauses
+            # hold the GIL (and so /health) with 1,000 streams open.
+            vars(self).clear()
+
     async def protocol_send(self, event: Event) -> None:
         if type(event) is not RawData or self._socket is None:
             await super().protocol_send(event)

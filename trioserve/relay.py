@@ -67,6 +67,7 @@ IDLE_SLACK = 0.5
 # compressed answer would be relayed without its Content-Encoding.
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
 _MAX_CACHED_URLS = 1024
+_CLOSED = httpx.ByteStream(b"")
 # Copied from the upstream response; hop-by-hop and length headers are ours to set.
 _PASSED_HEADERS = frozenset({b"content-type", b"cache-control", b"x-request-id"})
 
@@ -297,6 +298,9 @@ class Relay:
             # what tells the backend to stop generating.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 await response.aclose()
+            # httpx's response and its stream reference each other: cut, so that reference
+            # counting frees them now rather than the garbage collector later.
+            response.stream = _CLOSED
 
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)
