@@ -86,8 +86,8 @@ class _Exchange:
     streaming: bool = False
     start_clock: float = field(default_factory=trio.current_time)
     client_gone: bool = False
-    # A whole answer (non-streaming): sent by the request's own task after the upstream side
-    # is done, without a sender task, in two sends.
+    # A whole answer (non-streaming): sent after the upstream side is done, in two sends,
+    # outside the scope the client's disconnect cancels.
     reply: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
 
 
