@@ -110,6 +110,82 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_aborted(
         assert (await client.get("/health")).status_code == 200
 
 
+async def test_a_slow_but_steady_reader_of_a_large_answer_is_never_cut_off(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limit is on progress, not on the whole send: this answer takes ~3 s to read, three
+    # times SEND_LIMIT, and the client never stops for long.
+    monkeypatch.setattr(http_server, "SEND_LIMIT", 1.0)
+    tokens = 200_000
+    config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--tokens", str(tokens))}})
+    async with running_daemon(config) as (info, client):
+        await client.post("/admin/models/echo/load")
+        sock = _stream_request(info.url, chat(text="a"), 4096)
+        received = bytearray()
+        with sock, trio.fail_after(60):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                data = sock.recv(16384)
+                if not data:
+                    break
+                received += data
+                head, _, body = bytes(received).partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+                await trio.sleep(0.05)  # ~300 KB/s
+        answer = json.loads(body)
+        assert answer["choices"][0]["message"]["content"] == "".join(reply_tokens("a", tokens))
+
+
+# A model server whose stream dies in the middle of an event. (No braces in the script: they
+# would be taken for cmd placeholders.)
+DIES_MID_EVENT = """
+import http.server, socket, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        event = b"data: " + chr(123).encode() + b'"choices": [' + b"\\n\\n"
+        half = b'data: ' + chr(123).encode() + b'"choi'
+        for piece in (event, half):
+            self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(piece), piece))
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+async def test_a_stream_that_dies_mid_event_ends_with_an_error_event_of_its_own(
+    state_dir: Path,
+) -> None:
+    config = make_config(state_dir, {"m": {"cmd": ["{python}", "-c", DIES_MID_EVENT, "{port}"]}})
+    async with running_daemon(config) as (_info, client):
+        response = await client.post("/v1/chat/completions", json=chat("m", stream=True))
+        assert response.status_code == 200
+        events = [e for e in response.text.split("\n\n") if e]
+        # The half event stays half; the error is an event of its own, and the last one.
+        assert events[-2].startswith('data: {"choi'), events
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "upstream_error", error
+
+
 async def test_bytes_written_before_a_flush_go_out_in_one_send() -> None:
     sent: list[dict[str, Any]] = []
 
@@ -124,4 +200,4 @@ async def test_bytes_written_before_a_flush_go_out_in_one_send() -> None:
     await out.flush()  # nothing held: nothing sent
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[1]["body"] == b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
-    assert out.is_event_stream and out.head_sent
+    assert out.is_event_stream and out.at_event_boundary

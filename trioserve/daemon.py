@@ -260,32 +260,48 @@ async def _serve(
                 bound = replace(row, url=url)
                 await writer.call(lambda: store.record_daemon(bound))
                 log.info("trioserve %s listening on %s (instance %s)", __version__, url, instance)
-                # Everything alive now (modules, the apps, the config) lives as long as the
-                # daemon. Frozen, it is never walked again by a full collection: those walks
-                # held the GIL for 50-110 ms with 1,000 streams open, and /health with it.
-                gc.freeze()
-                # Fewer collections, each no longer: with 1,000 streams the defaults ran four
-                # 30-40 ms full collections in 3 s; these thresholds ran one (bench/load.py b).
-                gc.set_threshold(*GC_THRESHOLDS)
-                # The /health thread (listener.py) needs the GIL a few times per probe, and
-                # each time waits up to the switch interval for the busy loop to let go of it:
-                # at the default 5 ms, probes under load took up to 28 ms. Only a thread that
-                # asks for the GIL makes the loop yield it, so an idle thread costs nothing.
-                sys.setswitchinterval(SWITCH_INTERVAL)
-                # READY only now: the listener is bound and the startup cleanup is done.
-                await notifier.ready(status=_status_line(supervisor))
-                await core.start(notifier.run_watchdog)
-                core.start_soon(_report_status, notifier, supervisor)
-                task_status.started(DaemonInfo(instance, url, supervisor))
-                await stop_requested.wait()
-                log.info("shutting down: draining requests, then stopping models")
-                await notifier.stopping(status="stopping: draining requests, then models")
-                # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
-                # is cancelled, which stops every child in parallel and reaps it.
-                with trio.move_on_after(config.server.shutdown_grace + 1):
-                    await served.wait()
-                core.cancel_scope.cancel()
+                untune = _tune_runtime()
+                try:
+                    # READY only now: the listener is bound and the startup cleanup is done.
+                    await notifier.ready(status=_status_line(supervisor))
+                    await core.start(notifier.run_watchdog)
+                    core.start_soon(_report_status, notifier, supervisor)
+                    task_status.started(DaemonInfo(instance, url, supervisor))
+                    await stop_requested.wait()
+                    log.info("shutting down: draining requests, then stopping models")
+                    await notifier.stopping(status="stopping: draining requests, then models")
+                    # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
+                    # is cancelled, which stops every child in parallel and reaps it.
+                    with trio.move_on_after(config.server.shutdown_grace + 1):
+                        await served.wait()
+                    core.cancel_scope.cancel()
+                finally:
+                    # In-process daemons (the tests) leave the interpreter as they found it.
+                    untune()
         outer.cancel_scope.cancel()
+
+
+def _tune_runtime() -> Callable[[], None]:
+    """Settings for a busy daemon; returns what undoes them."""
+    previous_threshold, previous_interval = gc.get_threshold(), sys.getswitchinterval()
+    # Everything alive now (modules, the apps, the config) lives as long as the daemon.
+    # Frozen, it is never walked again by a collection that holds the GIL, and /health with it.
+    gc.freeze()
+    # Requests leave no reference cycles (tests/test_gateway_garbage.py), so collections find
+    # little: fewer of them, while 1,000 streams start, each finding only live objects.
+    gc.set_threshold(*GC_THRESHOLDS)
+    # The /health thread (listener.py) needs the GIL a few times per probe, and each time
+    # waits up to the switch interval for the busy loop to let go of it: at the default 5 ms,
+    # probes under load took up to 28 ms. Only a thread that asks for the GIL makes the loop
+    # yield it, so an idle thread costs nothing.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+    def untune() -> None:
+        gc.unfreeze()
+        gc.set_threshold(*previous_threshold)
+        sys.setswitchinterval(previous_interval)
+
+    return untune
 
 
 async def _watch_signals(stop_requested: trio.Event) -> None:

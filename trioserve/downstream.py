@@ -30,10 +30,8 @@ class Downstream:
         self.started = False  # a response head is being sent (or was)
         self.status = 0
         self.is_event_stream = False
-
-    @property
-    def head_sent(self) -> bool:
-        return self._head_done.is_set()
+        # The last byte sent ended an SSE event (or nothing was sent yet).
+        self.at_event_boundary = True
 
     async def start(self, status: int, headers: Headers) -> None:
         """Send the response head (once; the caller checks ``started``)."""
@@ -55,10 +53,13 @@ class Downstream:
     async def flush(self) -> None:
         if not self._pending:
             return
-        # Taken before any await, so bytes written meanwhile go in the next send, in order.
+        if not self._head_done.is_set():
+            # Hypercorn refuses body before its head's send has returned. Waited for before
+            # the bytes are taken: a cancellation here loses none of them.
+            await self._head_done.wait()
+        # Taken with no await before the send, so bytes written meanwhile go in the next
+        # send, in order.
         data = bytes(self._pending)
         self._pending.clear()
-        if not self._head_done.is_set():
-            # Hypercorn refuses body before its head's send has returned.
-            await self._head_done.wait()
+        self.at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
         await self.send({"type": "http.response.body", "body": data, "more_body": True})

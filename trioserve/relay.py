@@ -138,6 +138,9 @@ class Relay:
             # The last send happens outside the watched scope: Hypercorn queues
             # `http.disconnect` from inside it, and a cancellation landing in Hypercorn's
             # send would leave the connection open.
+            # Answered from here on: these sends complete the response, and Hypercorn may
+            # still raise Cancelled inside the last one after every byte is out.
+            answered = True
             if exchange.reply is not None:
                 status, headers, payload = exchange.reply
                 exchange.out.status = status
@@ -145,10 +148,9 @@ class Relay:
                 await send({"type": "http.response.body", "body": payload, "more_body": False})
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            answered = True
         except* TrioserveError as group:
-            await self._fail(exchange, _first_leaf(group))
             answered = True
+            await self._fail(exchange, _first_leaf(group))
         except* _ClientGone:
             self.metrics.cancelled(exchange.model or "-")
             answered = True
@@ -385,16 +387,25 @@ class Relay:
     ) -> None:
         out = exchange.out
         idle = self.config.server.stream_idle_timeout
-        # Our pool's connections send what we hold just before each read of theirs: one send
-        # per upstream read, however many chunks it carried. Any other: one send per chunk.
         network = response.extensions.get("network_stream")
         lean = network if isinstance(network, LeanStream) else None
-        if lean is not None:
-            lean.before_read = out.flush
         slack = _idle_slack(idle)
         # One scope for the whole stream, its deadline moved at most once per `slack`: a
         # scope per chunk, or a deadline moved per chunk, costs more than the chunk's send.
         with trio.CancelScope(deadline=trio.current_time() + idle + slack) as gap:
+
+            async def flush() -> None:
+                await out.flush()
+                # Time a slow client took is not the model's silence.
+                now = trio.current_time()
+                if gap.deadline < now + idle:
+                    gap.deadline = now + idle + slack
+
+            # Our pool's connections send what we hold just before each read of theirs: one
+            # send per upstream read, however many chunks it carried. Any other: one send per
+            # chunk. (The pool unhooks the connection when it takes it back.)
+            if lean is not None:
+                lean.before_read = flush
             try:
                 async for chunk in chunks:
                     out.write(chunk)
@@ -408,7 +419,6 @@ class Relay:
                     f"model {exchange.model!r} closed the stream mid-answer: {exc!r}"
                 ) from exc
             finally:
-                # The connection goes back to the pool, to serve other requests.
                 if lean is not None:
                     lean.before_read = None
             await out.flush()
@@ -456,7 +466,10 @@ class Relay:
                 return
             else:
                 # A stream has begun: its last chunks, one last event with the error, the end.
-                out.write(b"data: " + error.body_bytes() + b"\n\n")
+                # After a model that died mid-event, the error starts an event of its own.
+                await out.flush()
+                separator = b"" if out.at_event_boundary else b"\n\n"
+                out.write(separator + b"data: " + error.body_bytes() + b"\n\n")
                 await out.flush()
                 await out.send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -148,10 +148,17 @@ class KeepAlivePool:
                 await connection.aclose()
             raise
         assert hasattr(response.stream, "aclose")
+        network = response.extensions.get("network_stream")
         return httpcore.Response(
             status=response.status,
             headers=response.headers,
-            content=_GivenBack(response.stream, connection, key, self),
+            content=_GivenBack(
+                response.stream,
+                connection,
+                key,
+                self,
+                network if isinstance(network, LeanStream) else None,
+            ),
             extensions=response.extensions,
         )
 
@@ -216,12 +223,18 @@ class _GivenBack:
     """A response body that returns its connection to the pool when closed."""
 
     def __init__(
-        self, stream: Any, connection: httpcore.AsyncHTTPConnection, key: _Key, pool: KeepAlivePool
+        self,
+        stream: Any,
+        connection: httpcore.AsyncHTTPConnection,
+        key: _Key,
+        pool: KeepAlivePool,
+        network: LeanStream | None,
     ) -> None:
         self._stream = stream
         self._connection = connection
         self._key = key
         self._pool: KeepAlivePool | None = pool
+        self._network = network
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         # The inner iterator itself: no generator layer of ours per chunk.
@@ -231,6 +244,9 @@ class _GivenBack:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        if self._network is not None:
+            # The next request on this connection must not send to this one's client.
+            self._network.before_read = None
         try:
             await self._stream.aclose()
         finally:
