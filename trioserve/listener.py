@@ -90,15 +90,16 @@ def classify(peeked: bytes) -> Verdict:
     return Verdict.OTHER
 
 
-def peek(conn: socket.socket) -> Verdict | None:
-    """Classify a non-blocking connection by its first bytes; None when none arrived yet."""
+def peek(conn: socket.socket) -> tuple[Verdict | None, bytes]:
+    """Classify a non-blocking connection by its first bytes (None when none arrived yet),
+    and return those bytes."""
     try:
         peeked = conn.recv(MAX_PEEK, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
-        return None
+        return None, b""
     except OSError:
-        return Verdict.GONE
-    return classify(peeked)
+        return Verdict.GONE, b""
+    return classify(peeked), peeked
 
 
 class Liveness:
@@ -125,14 +126,16 @@ class Liveness:
         )
         return peeked.find(b"\r\n\r\n") + 4, head if peeked.startswith(b"HEAD ") else head + body
 
-    def answer(self, conn: socket.socket) -> None:
-        """Answer the complete /health request waiting on ``conn``, then close it."""
+    def answer(self, conn: socket.socket, peeked: bytes) -> None:
+        """Answer the complete /health request ``peeked`` on ``conn``, then close it.
+
+        As few syscalls as it takes: in the thread, each one gives the GIL away and waits to
+        get it back from a busy loop."""
         try:
-            request_size, answer = self.reply(conn.recv(MAX_PEEK, socket.MSG_PEEK))
+            request_size, answer = self.reply(peeked)
             # Consume the request, so that closing sends FIN rather than RST.
             conn.recv(request_size)
             conn.send(answer)
-            conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         finally:
@@ -194,11 +197,11 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
             except OSError:
                 return False
             conn.setblocking(False)
-            verdict = peek(conn)
+            verdict, peeked = peek(conn)
             if verdict is Verdict.OTHER:
                 self._ready.append(conn)
             elif verdict is Verdict.HEALTH:
-                self._thread.liveness.answer(conn)
+                self._thread.liveness.answer(conn, peeked)
             elif verdict is Verdict.GONE:
                 conn.close()
             else:
@@ -385,18 +388,25 @@ class _TakeOverThread:
                 time.sleep(0.01)
                 return
             conn.setblocking(False)
-            self.waiting[conn] = time.monotonic() + PEEK_WAIT
-            self.selector.register(conn, selectors.EVENT_READ)
-            self._look(conn)
+            verdict, peeked = peek(conn)
+            if verdict is None:
+                # No bytes yet: the selector says when they come.
+                self.waiting[conn] = time.monotonic() + PEEK_WAIT
+                self.selector.register(conn, selectors.EVENT_READ)
+            else:
+                self._decide(conn, verdict, peeked)
 
     def _look(self, conn: socket.socket) -> None:
         """Decide about a waiting connection, if its bytes allow it yet."""
-        verdict = peek(conn)
+        verdict, peeked = peek(conn)
         if verdict is None:
             return  # still no bytes: the selector says when they come
         self._forget(conn)
+        self._decide(conn, verdict, peeked)
+
+    def _decide(self, conn: socket.socket, verdict: Verdict, peeked: bytes) -> None:
         if verdict is Verdict.HEALTH:
-            self.liveness.answer(conn)
+            self.liveness.answer(conn, peeked)
         elif verdict is Verdict.GONE:
             conn.close()
         else:
