@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from contextlib import aclosing
 from typing import Any
 
@@ -62,3 +63,31 @@ async def read_sse(response: httpx.Response) -> list[str]:
             if line:
                 lines.append(line)
     return lines
+
+
+_MODEL_SERVER = """
+import http.server, json, socket, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # /health, for the supervisor
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+%s
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def model_server_cmd(do_post: str) -> list[str]:
+    """A model ``cmd``: a tiny HTTP server whose POST handler is ``do_post`` (Python source,
+    run with ``self`` and the request ``body`` in scope; ``json`` and ``socket`` imported)."""
+    script = _MODEL_SERVER % textwrap.indent(textwrap.dedent(do_post), " " * 8)
+    return ["{python}", "-c", script.replace("{", "{{").replace("}", "}}"), "{port}"]

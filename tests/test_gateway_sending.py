@@ -13,7 +13,13 @@ import pytest
 import trio
 
 from tests.conftest import echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import backend_port, chat, wait_for_stats, wait_for_status
+from tests.gateway_helpers import (
+    backend_port,
+    chat,
+    model_server_cmd,
+    wait_for_stats,
+    wait_for_status,
+)
 from trioserve import http_server
 from trioserve.backends.echo import reply_tokens
 from trioserve.downstream import Downstream
@@ -138,44 +144,23 @@ async def test_a_slow_but_steady_reader_of_a_large_answer_is_never_cut_off(
         assert answer["choices"][0]["message"]["content"] == "".join(reply_tokens("a", tokens))
 
 
-# A model server whose stream dies in the middle of an event. (No braces in the script: they
-# would be taken for cmd placeholders.)
+# A stream that dies in the middle of its second event.
 DIES_MID_EVENT = """
-import http.server, socket, sys
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
-        event = b"data: " + chr(123).encode() + b'"choices": [' + b"\\n\\n"
-        half = b'data: ' + chr(123).encode() + b'"choi'
-        for piece in (event, half):
-            self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(piece), piece))
-        self.wfile.flush()
-        self.connection.shutdown(socket.SHUT_RDWR)
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+self.send_response(200)
+self.send_header("content-type", "text/event-stream")
+self.send_header("transfer-encoding", "chunked")
+self.end_headers()
+for piece in (b'data: {"choices": []}\\n\\n', b'data: {"choi'):
+    self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(piece), piece))
+self.wfile.flush()
+self.connection.shutdown(socket.SHUT_RDWR)
 """
 
 
 async def test_a_stream_that_dies_mid_event_ends_with_an_error_event_of_its_own(
     state_dir: Path,
 ) -> None:
-    config = make_config(state_dir, {"m": {"cmd": ["{python}", "-c", DIES_MID_EVENT, "{port}"]}})
+    config = make_config(state_dir, {"m": {"cmd": model_server_cmd(DIES_MID_EVENT)}})
     async with running_daemon(config) as (_info, client):
         response = await client.post("/v1/chat/completions", json=chat("m", stream=True))
         assert response.status_code == 200

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.gateway_helpers import model_server_cmd
 from tests.test_echo_backend import chat, echo_backend, free_port, stop
 from trioserve.upstream import KeepAlivePool, upstream_client
 
@@ -165,42 +166,22 @@ async def test_a_failing_sweep_is_logged_and_the_daemon_keeps_serving(
     assert "closing idle upstream connections failed" in caplog.text
 
 
-# A model server that shows each request's head in its answer, and sets a cookie each time.
-# (No braces: they would be taken for cmd placeholders.)
-HEAD_SHOWING_SERVER = """
-import http.server, json, sys
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self, body):
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.send_header("set-cookie", "session=user-a; Path=/")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._answer(b"[]")
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
-        self._answer(json.dumps(dict(headers=dict(self.headers.items()))).encode())
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+# Shows each request's head in its answer, and sets a cookie each time.
+SHOW_HEAD_SET_COOKIE = """
+answer = json.dumps({"headers": dict(self.headers.items())}).encode()
+self.send_response(200)
+self.send_header("content-type", "application/json")
+self.send_header("content-length", str(len(answer)))
+self.send_header("set-cookie", "session=user-a; Path=/")
+self.end_headers()
+self.wfile.write(answer)
 """
 
 
 async def test_upstream_requests_carry_no_cookies_and_ask_for_no_compression(
     state_dir: Path,
 ) -> None:
-    config = make_config(
-        state_dir, {"m": {"cmd": ["{python}", "-c", HEAD_SHOWING_SERVER, "{port}"]}}
-    )
+    config = make_config(state_dir, {"m": {"cmd": model_server_cmd(SHOW_HEAD_SET_COOKIE)}})
     async with running_daemon(config) as (_info, client):
         seen = []
         for user in ("a", "b"):

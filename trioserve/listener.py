@@ -177,7 +177,7 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
     async def accept(self) -> trio.SocketStream:
         while not self._ready:
             await trio.lowlevel.wait_readable(self._socket)
-            if not self._drain():
+            if not self._drain() and not self._ready:
                 # EMFILE and friends: the thread or a later pass takes it.
                 await trio.sleep(0.01)
         self._handed_since_checkpoint += 1
