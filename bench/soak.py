@@ -47,7 +47,7 @@ import psutil
 import trio
 from _daemon import wait_healthy
 
-from trioserve.http_server import KEEP_ALIVE_TIMEOUT
+from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIOSERVE = str(Path(sys.executable).parent / "trioserve")

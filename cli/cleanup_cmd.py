@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from trioserve.cleanup import NOT_KILLED, find_leftovers, kill_leftovers, live_daemon
 from trioserve.config import Config
-from trioserve.store import StateStore
+from trioserve.host.cleanup import NOT_KILLED, find_leftovers, kill_leftovers, live_daemon
+from trioserve.host.store import StateStore
 
 from .common import (
     EXIT_FAILURE,

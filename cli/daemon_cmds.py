@@ -11,9 +11,9 @@ from typing import Annotated
 import trio
 import typer
 
-from trioserve.cleanup import live_daemon, lock_holder, same_process
 from trioserve.config import Config
-from trioserve.store import DaemonRow, StateStore
+from trioserve.host.cleanup import live_daemon, lock_holder, same_process
+from trioserve.host.store import DaemonRow, StateStore
 
 from .common import EXIT_FAILURE, ConfigOption, die, load_or_exit, make_console, store_errors
 

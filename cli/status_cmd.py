@@ -10,10 +10,10 @@ from typing import Any
 import trio
 import typer
 
-from trioserve.cleanup import Leftover, find_leftovers, live_daemon
 from trioserve.config import Config, load_config
 from trioserve.errors import ConfigError
-from trioserve.store import DaemonRow, StateStore
+from trioserve.host.cleanup import Leftover, find_leftovers, live_daemon
+from trioserve.host.store import DaemonRow, StateStore
 
 from .client import ClientError, DaemonClient, NoDaemon, base_url
 from .common import (

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from trioserve.cleanup import Leftover
+from trioserve.host.cleanup import Leftover
 
 __all__ = ["duration", "first_line", "leftovers_table", "models_table"]
 

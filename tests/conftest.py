@@ -25,7 +25,7 @@ import trio
 
 from trioserve.config import Config, parse_config
 from trioserve.daemon import DaemonInfo, run_daemon
-from trioserve.supervisor import Supervisor
+from trioserve.supervision.supervisor import Supervisor
 
 ECHO = ["{python}", "-m", "trioserve.backends.echo", "--port", "{port}"]
 
@@ -229,7 +229,7 @@ def spawns(tmp_path: Path) -> SpawnCounter:
 async def running_supervisor_with_store(config: Config) -> AsyncIterator[Supervisor]:
     """``running_supervisor`` plus the state store at ``config.state_dir``; on exit every
     child is stopped and every store write submitted meanwhile is done."""
-    from trioserve.store import StateStore, StoreWriter
+    from trioserve.host.store import StateStore, StoreWriter
 
     writer = StoreWriter(StateStore(config.state_dir))
     async with trio.open_nursery() as outer:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-import trioserve.relay
+import trioserve.gateway.relay
 from tests.conftest import SpawnCounter
 from tests.gateway_helpers import chat
 from tests.test_faults_support import (
@@ -27,7 +27,7 @@ from tests.test_faults_support import (
     raw_exchange,
     status_of,
 )
-from trioserve import listener
+from trioserve.server import listener
 
 
 async def _still_up(client: httpx.AsyncClient) -> None:
@@ -213,7 +213,7 @@ async def test_chunked_body_over_the_limit_gets_413_before_it_ends(state_dir: Pa
 async def test_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_deadline(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch, spawns: SpawnCounter
 ) -> None:
-    monkeypatch.setattr(trioserve.relay, "BODY_READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(trioserve.gateway.relay, "BODY_READ_TIMEOUT", 1.0)
     config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
         body = json.dumps(chat()).encode()

@@ -150,7 +150,7 @@ async def test_keys_are_compared_in_constant_time_against_every_key(
         compared.append((a, b))
         return real(a, b)
 
-    # The module trioserve.asgi compares with (hmac), so the spy sees exactly its calls.
+    # The module trioserve.gateway.asgi compares with (hmac), so the spy sees exactly its calls.
     monkeypatch.setattr(hmac, "compare_digest", spy)
     keys = ["sk-first", "sk-second", "sk-third"]
     config = config_for(state_dir, server={"api_keys": keys, "admin_keys": [ADMIN_KEY]})

@@ -22,7 +22,7 @@ import trio
 
 import trioserve.daemon
 from tests.test_faults_support import config_for, leak_checked_daemon, raw_address
-from trioserve.http_server import KEEP_ALIVE_TIMEOUT, hypercorn_config
+from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT, hypercorn_config
 
 
 async def _slowloris(

@@ -19,11 +19,10 @@ import psutil
 import pytest
 from typer.testing import CliRunner, Result
 
-import cli.cleanup_cmd
-import trioserve.cleanup as cleanup_mod
-from cli.main import app
+import trioserve.host.cleanup as cleanup_mod
+import trioserve_cli.cleanup_cmd
 from tests.conftest import write_toml
-from trioserve.cleanup import (
+from trioserve.host.cleanup import (
     KILLED,
     KILLED_HARD,
     NOT_KILLED,
@@ -31,8 +30,9 @@ from trioserve.cleanup import (
     find_leftovers,
     kill_leftovers,
 )
-from trioserve.process import process_start_time, read_boot_id
-from trioserve.store import DaemonRow, InstanceLock, StateStore
+from trioserve.host.store import DaemonRow, InstanceLock, StateStore
+from trioserve.supervision.process import process_start_time, read_boot_id
+from trioserve_cli.main import app
 
 # Prints "ready" once its signal handling is set up, so a test never races the handler.
 CHILD = r"""
@@ -387,7 +387,7 @@ def test_on_a_terminal_it_asks_first(
 ) -> None:
     proc = children.start()
     record(store, proc.pid)
-    monkeypatch.setattr(cli.cleanup_cmd, "_stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(trioserve_cli.cleanup_cmd, "_stdin_is_terminal", lambda: True)
     result = cleanup(config_file, input=answer)
     assert result.exit_code == code, result.output
     assert "Kill 1 process group(s)?" in result.stdout

@@ -11,9 +11,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.client_cmds import new_lines
-from cli.main import app
 from tests.conftest import DaemonProcess, daemon_config, echo_cmd, free_port, health_server_cmd
+from trioserve_cli.client_cmds import new_lines
+from trioserve_cli.main import app
 
 FAILING = ["{python}", "-c", "import sys; print('cannot load weights', flush=True); sys.exit(3)"]
 

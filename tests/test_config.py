@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.main import app
 from tests.conftest import TRIOSERVE_BIN, clean_env, daemon_config, free_port, write_toml
+from trioserve_cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

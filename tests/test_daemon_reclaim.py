@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import daemon_config, echo_cmd, processes_of_state_dir, take_port_range
-from trioserve.store import StateStore
+from trioserve.host.store import StateStore
 
 
 def free_pair() -> int:

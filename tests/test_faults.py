@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-import trioserve.supervisor
+import trioserve.supervision.supervisor
 from tests.conftest import (
     SpawnCounter,
     echo_cmd,
@@ -44,9 +44,9 @@ from tests.test_faults_support import (
     response_complete,
 )
 from trioserve.daemon import DaemonInfo
-from trioserve.process import listens_on
-from trioserve.relay import Relay
-from trioserve.supervisor import Supervisor
+from trioserve.gateway.relay import Relay
+from trioserve.supervision.process import listens_on
+from trioserve.supervision.supervisor import Supervisor
 
 
 async def _status(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
@@ -392,7 +392,7 @@ async def test_unload_landing_while_a_start_is_being_confirmed_stops_it(
             release.wait(10)
         return answer
 
-    monkeypatch.setattr(trioserve.supervisor, "listens_on", held_listens_on)
+    monkeypatch.setattr(trioserve.supervision.supervisor, "listens_on", held_listens_on)
     config = config_for(state_dir, server={"loading_progress": False})
     async with leak_checked_daemon(config) as (info, client):
         answers: dict[str, httpx.Response] = {}

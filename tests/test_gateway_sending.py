@@ -20,9 +20,9 @@ from tests.gateway_helpers import (
     wait_for_stats,
     wait_for_status,
 )
-from trioserve import http_server
 from trioserve.backends.echo import reply_tokens
-from trioserve.downstream import Downstream
+from trioserve.gateway.downstream import Downstream
+from trioserve.server import hypercorn_serve as http_server
 
 WORDS = " ".join(f"w{i}" for i in range(50))
 

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import trioserve.lifecycle
-from trioserve.lifecycle import TRANSITIONS, InvalidTransition, Lifecycle, State, Transition
+import trioserve.supervision.lifecycle
+from trioserve.supervision.lifecycle import (
+    TRANSITIONS,
+    InvalidTransition,
+    Lifecycle,
+    State,
+    Transition,
+)
 
 S = State
 # The contract's diagram, written out independently of the module under test.
@@ -97,7 +103,7 @@ def test_history_is_bounded() -> None:
 
 
 def test_lifecycle_module_imports_no_trio() -> None:
-    tree = ast.parse(Path(trioserve.lifecycle.__file__).read_text())
+    tree = ast.parse(Path(trioserve.supervision.lifecycle.__file__).read_text())
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -106,6 +112,6 @@ def test_lifecycle_module_imports_no_trio() -> None:
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "enum", "dataclasses", "typing"}, imported
     # And nothing it imports pulls trio in either.
-    check = "import sys, trioserve.lifecycle; print('trio' in sys.modules)"
+    check = "import sys, trioserve.supervision.lifecycle; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from tests.conftest import echo_cmd, make_config, running_daemon
-from trioserve import daemon, listener
-from trioserve.listener import Verdict, classify
+from trioserve import daemon
+from trioserve.server import listener
+from trioserve.server.listener import Verdict, classify
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 

@@ -27,7 +27,7 @@ from tests.test_faults_support import (
     trio_task_count,
     wait_for_baseline,
 )
-from trioserve.http_server import KEEP_ALIVE_TIMEOUT
+from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT
 
 WARM_UP = 200
 CLIENTS = 1000

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioserve.notify import NOTIFY_ENV_VARS, SystemdNotifier, scrub_child_env
+from trioserve.host.notify import NOTIFY_ENV_VARS, SystemdNotifier, scrub_child_env
 
 
 @dataclass
@@ -200,7 +200,7 @@ async def test_peer_socket_deleted_does_not_raise(
     peer.sock.close()
     path.unlink()
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": str(path)})
-    with caplog.at_level(logging.WARNING, logger="trioserve.notify"):
+    with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.ready()
         await notifier.watchdog_ping()
         await notifier.stopping()
@@ -216,14 +216,14 @@ async def test_peer_socket_closed_but_file_left_does_not_raise(
     peer = _bound_peer(str(path), str(path))
     peer.sock.close()  # the inode stays: connect() gets ECONNREFUSED, not ENOENT
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": str(path)})
-    with caplog.at_level(logging.WARNING, logger="trioserve.notify"):
+    with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.status("still here")
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 async def test_abstract_peer_gone_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": f"@trioserve-absent-{uuid.uuid4().hex}"})
-    with caplog.at_level(logging.WARNING, logger="trioserve.notify"):
+    with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.ready()
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
@@ -246,7 +246,7 @@ async def test_peer_with_full_queue_drops_message_after_timeout(
         filler.close()
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
     start = trio.current_time()
-    with caplog.at_level(logging.WARNING, logger="trioserve.notify"):
+    with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.stopping()
     # Waited (in virtual time) for room, gave up after the send timeout, returned.
     assert trio.current_time() - start == pytest.approx(1.0)

@@ -10,8 +10,8 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
-import trioserve.ports
-from trioserve.ports import (
+import trioserve.supervision.ports
+from trioserve.supervision.ports import (
     NoFreePort,
     PortAllocator,
     _listening_inodes_netlink,
@@ -125,7 +125,7 @@ def test_listening_inodes_falls_back_to_proc_without_netlink(
     def no_netlink(port: int) -> set[int]:
         raise PermissionError("netlink is not allowed here")
 
-    monkeypatch.setattr(trioserve.ports, "_listening_inodes_netlink", no_netlink)
+    monkeypatch.setattr(trioserve.supervision.ports, "_listening_inodes_netlink", no_netlink)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()

@@ -465,7 +465,7 @@ def _trioserve() -> list[str]:
     script = Path(sys.executable).with_name("trioserve")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from cli.main import main; main()"]
+    return [sys.executable, "-c", "from trioserve_cli.main import main; main()"]
 
 
 @pytest.mark.slow

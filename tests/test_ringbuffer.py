@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trioserve.ringbuffer import OutputRing
+from trioserve.supervision.ringbuffer import OutputRing
 
 
 def test_keeps_only_the_last_max_lines() -> None:

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from tests.conftest import health_server_cmd, make_config, running_supervisor_with_store
-from trioserve.process import read_boot_id
-from trioserve.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
+from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
+from trioserve.supervision.process import read_boot_id
 
 
 def test_database_is_in_wal_mode(state_dir: Path) -> None:
@@ -155,7 +155,7 @@ async def test_supervisor_records_its_children(state_dir: Path) -> None:
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from trioserve.store import InstanceLock
+from trioserve.host.store import InstanceLock
 lock = InstanceLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)

@@ -17,7 +17,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-import trioserve.supervisor
+import trioserve.supervision.supervisor
 from tests.conftest import (
     SpawnCounter,
     echo_cmd,
@@ -27,9 +27,9 @@ from tests.conftest import (
     running_supervisor,
 )
 from trioserve.errors import ModelUnavailable, UpstreamError
-from trioserve.lifecycle import State, Transition
-from trioserve.store import StateStore, StoreWriter
-from trioserve.supervisor import Supervisor
+from trioserve.host.store import StateStore, StoreWriter
+from trioserve.supervision.lifecycle import State, Transition
+from trioserve.supervision.supervisor import Supervisor
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "a b c"}]}
 
@@ -348,13 +348,13 @@ async def test_unload_while_the_spawn_is_being_recorded_leaves_no_process(
 ) -> None:
     # Between the spawn and the end of its bookkeeping (reading the process start time,
     # writing its row: both in worker threads) a cancelled start must still stop its process.
-    real_start_time = trioserve.supervisor.process_start_time
+    real_start_time = trioserve.supervision.supervisor.process_start_time
 
     def slow_start_time(pid: int) -> float | None:
         time.sleep(0.3)  # a busy /proc
         return real_start_time(pid)
 
-    monkeypatch.setattr(trioserve.supervisor, "process_start_time", slow_start_time)
+    monkeypatch.setattr(trioserve.supervision.supervisor, "process_start_time", slow_start_time)
     config = make_config(state_dir, {"m": {"cmd": health_server_cmd()}})
     writer = StoreWriter(SlowStore(state_dir))
     async with trio.open_nursery() as outer:

@@ -20,8 +20,8 @@ from trio.testing import MockClock
 from tests.conftest import health_server_cmd, make_config, running_supervisor
 from trioserve.config import Config
 from trioserve.errors import UpstreamError
-from trioserve.lifecycle import State, Transition
-from trioserve.supervisor import Supervisor
+from trioserve.supervision.lifecycle import State, Transition
+from trioserve.supervision.supervisor import Supervisor
 
 
 @pytest.fixture

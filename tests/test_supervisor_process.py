@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from tests.conftest import health_server_cmd, make_config, running_supervisor
-from trioserve.process import ChildProcess, child_env
-from trioserve.ringbuffer import OutputRing
+from trioserve.supervision.process import ChildProcess, child_env
+from trioserve.supervision.ringbuffer import OutputRing
 
 IGNORES_SIGTERM = (
     "import signal, time\n"

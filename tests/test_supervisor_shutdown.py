@@ -19,8 +19,8 @@ from tests.conftest import (
     make_config,
     running_supervisor_with_store,
 )
-from trioserve.lifecycle import State
-from trioserve.store import StateStore
+from trioserve.host.store import StateStore
+from trioserve.supervision.lifecycle import State
 
 TRIOSERVE = Path(sys.executable).with_name("trioserve")
 

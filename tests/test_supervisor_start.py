@@ -18,9 +18,9 @@ from tests.conftest import (
     running_supervisor,
 )
 from trioserve.errors import UpstreamError
-from trioserve.lifecycle import State
-from trioserve.model import Endpoint
-from trioserve.supervisor import Supervisor
+from trioserve.supervision.lifecycle import State
+from trioserve.supervision.model import Endpoint
+from trioserve.supervision.supervisor import Supervisor
 
 
 async def wait_for_state(supervisor: Supervisor, name: str, state: State) -> None:

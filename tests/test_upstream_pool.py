@@ -18,7 +18,7 @@ import trio
 from tests.conftest import echo_cmd, make_config, running_daemon
 from tests.gateway_helpers import model_server_cmd
 from tests.test_echo_backend import chat, echo_backend, free_port, stop
-from trioserve.upstream import KeepAlivePool, upstream_client
+from trioserve.gateway.upstream import KeepAlivePool, upstream_client
 
 
 def _local_port(response: httpx.Response) -> int:

@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import ConfigError
+from trioserve.errors import ConfigError
 
 __all__ = [
     "PLACEHOLDERS",

@@ -20,20 +20,21 @@ from typing import TypeVar
 
 import trio
 
+from trioserve.config import Config, is_loopback
+from trioserve.gateway.admin import build_admin_app
+from trioserve.gateway.app import Gateway
+from trioserve.gateway.metrics import Metrics
+from trioserve.gateway.relay import Relay
+from trioserve.gateway.upstream import KeepAlivePool, upstream_client
+from trioserve.host.cleanup import live_daemon, reclaim_leftovers
+from trioserve.host.notify import SystemdNotifier
+from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
+from trioserve.server.hypercorn_serve import hypercorn_config, serve
+from trioserve.supervision.events import EventBus
+from trioserve.supervision.process import process_start_time, read_boot_id
+from trioserve.supervision.supervisor import Supervisor
+
 from . import __version__
-from .admin import build_admin_app
-from .cleanup import live_daemon, reclaim_leftovers
-from .config import Config, is_loopback
-from .events import EventBus
-from .gateway import Gateway
-from .http_server import hypercorn_config, serve
-from .metrics import Metrics
-from .notify import SystemdNotifier
-from .process import process_start_time, read_boot_id
-from .relay import Relay
-from .store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
-from .supervisor import Supervisor
-from .upstream import KeepAlivePool, upstream_client
 
 __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 

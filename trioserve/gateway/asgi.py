@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from .errors import TrioserveError
+from trioserve.errors import TrioserveError
 
 __all__ = [
     "Message",

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .errors import QueueFull
+from trioserve.errors import QueueFull
 
 __all__ = ["Admission"]
 

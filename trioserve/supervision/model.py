@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .admission import Admission
-from .config import ModelConfig
-from .errors import TrioserveError
-from .lifecycle import Lifecycle, State
-from .process import ChildProcess
-from .ringbuffer import OutputRing
+from trioserve.config import ModelConfig
+from trioserve.errors import TrioserveError
+from trioserve.gateway.admission import Admission
+from trioserve.supervision.lifecycle import Lifecycle, State
+from trioserve.supervision.process import ChildProcess
+from trioserve.supervision.ringbuffer import OutputRing
 
 __all__ = ["ChildRun", "Endpoint", "Lease", "ManagedModel", "StartAttempt"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import trio
 
-from .asgi import Send
+from trioserve.gateway.asgi import Send
 
 __all__ = ["Downstream"]
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from .ports import listening_inodes
-from .ringbuffer import OutputRing
+from trioserve.supervision.ports import listening_inodes
+from trioserve.supervision.ringbuffer import OutputRing
 
 __all__ = ["ChildProcess", "child_env", "listens_on", "process_start_time", "read_boot_id"]
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .lifecycle import Transition
+from trioserve.supervision.lifecycle import Transition
 
 __all__ = ["EventBus"]
 

@@ -13,11 +13,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .asgi import bearer_ok
-from .config import Config
-from .errors import InvalidApiKey, InvalidRequest, TrioserveError
-from .metrics import Metrics
-from .supervisor import Supervisor
+from trioserve.config import Config
+from trioserve.errors import InvalidApiKey, InvalidRequest, TrioserveError
+from trioserve.gateway.asgi import bearer_ok
+from trioserve.gateway.metrics import Metrics
+from trioserve.supervision.supervisor import Supervisor
 
 __all__ = ["build_admin_app"]
 

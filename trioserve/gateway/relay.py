@@ -23,21 +23,21 @@ from typing import Any
 import httpx
 import trio
 
-from .asgi import Receive, Scope, Send, header, send_error
-from .config import Config
-from .downstream import Downstream
-from .errors import (
+from trioserve.config import Config
+from trioserve.errors import (
     InvalidRequest,
     RequestTimeout,
     RequestTooLarge,
     TrioserveError,
     UpstreamError,
 )
-from .lifecycle import State
-from .metrics import Metrics
-from .model import ManagedModel
-from .supervisor import Supervisor
-from .upstream import LeanStream
+from trioserve.gateway.asgi import Receive, Scope, Send, header, send_error
+from trioserve.gateway.downstream import Downstream
+from trioserve.gateway.metrics import Metrics
+from trioserve.gateway.upstream import LeanStream
+from trioserve.supervision.lifecycle import State
+from trioserve.supervision.model import ManagedModel
+from trioserve.supervision.supervisor import Supervisor
 
 __all__ = ["Relay", "RelayPaths"]
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import psutil
 
-from .process import read_boot_id
-from .store import DaemonRow, InstanceLock, StateStore
+from trioserve.host.store import DaemonRow, InstanceLock, StateStore
+from trioserve.supervision.process import read_boot_id
 
 __all__ = [
     "Leftover",

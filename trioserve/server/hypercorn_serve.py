@@ -18,8 +18,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-from .config import Config
-from .listener import DirectListener, TakenOverConnections, defer_accept
+from trioserve.config import Config
+from trioserve.server.listener import DirectListener, TakenOverConnections, defer_accept
 
 __all__ = ["LeanTCPServer", "hypercorn_config", "serve"]
 

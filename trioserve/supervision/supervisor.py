@@ -17,15 +17,21 @@ from typing import Any
 import httpx
 import trio
 
-from .admission import Admission
-from .config import Config, placeholder_values, render
-from .errors import ModelNotFound, ModelUnavailable, TrioserveError, UpstreamError
-from .events import EventBus
-from .lifecycle import Lifecycle, State
-from .model import ChildRun, Endpoint, Lease, ManagedModel
-from .ports import NoFreePort, PortAllocator
-from .process import ChildProcess, child_env, listens_on, process_start_time, read_boot_id
-from .store import StateStore, StoreWriter
+from trioserve.config import Config, placeholder_values, render
+from trioserve.errors import ModelNotFound, ModelUnavailable, TrioserveError, UpstreamError
+from trioserve.gateway.admission import Admission
+from trioserve.host.store import StateStore, StoreWriter
+from trioserve.supervision.events import EventBus
+from trioserve.supervision.lifecycle import Lifecycle, State
+from trioserve.supervision.model import ChildRun, Endpoint, Lease, ManagedModel
+from trioserve.supervision.ports import NoFreePort, PortAllocator
+from trioserve.supervision.process import (
+    ChildProcess,
+    child_env,
+    listens_on,
+    process_start_time,
+    read_boot_id,
+)
 
 __all__ = ["Supervisor"]
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import trio
 
-from .asgi import Message, Receive, Scope, Send, bearer_ok, send_error
-from .config import Config
-from .errors import InvalidApiKey
-from .relay import Relay, RelayPaths
+from trioserve.config import Config
+from trioserve.errors import InvalidApiKey
+from trioserve.gateway.asgi import Message, Receive, Scope, Send, bearer_ok, send_error
+from trioserve.gateway.relay import Relay, RelayPaths
 
 __all__ = ["Gateway"]
 

@@ -1,0 +1,1 @@
+"""The HTTP server coupling: Hypercorn settings and overrides, the accept-time listener."""

@@ -1,0 +1,1 @@
+"""The process side: model processes, their lifecycle, ports and output."""
