@@ -30,6 +30,10 @@ import httpx
 import psutil
 from _daemon import wait_healthy
 
+# A free port as the tests take one: the helpers are shared with them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, str(ROOT / "bench" / "_client.py")]
 TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
@@ -66,14 +70,6 @@ def _config(state_dir: str, port: int) -> str:
             "max_queue = 2000",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 PROFILE: dict[str, Any] = {}
@@ -193,7 +189,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     _raise_fd_limit()
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "bench.toml"
         conf.write_text(_config(tmp, port))
@@ -210,7 +206,7 @@ def main() -> None:
                 models = client.get("/admin/status").json()["models"]
             ports = {name: info["port"] for name, info in models.items()}
             PROFILE.update(dir=args.profile, pid=daemon.pid)
-            floor_port = _free_port()
+            floor_port = free_port()
             floor_server = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "_idle_health.py"), str(floor_port)],
                 stdout=subprocess.PIPE,
@@ -242,13 +238,13 @@ def _scenarios(
     def base(model: str) -> str:
         return f"http://127.0.0.1:{ports[model]}"
 
+    def both(model: str, n: int, stream: bool, **options: Any) -> Any:
+        """``_both`` for ``n`` requests to ``model``, all at once."""
+        clients = ["--concurrency", str(n), "--requests", str(n), "--body", _body(model, stream)]
+        return _both(base(model), url, chat, clients, **options)
+
     if "a" in args.only:
-        d, r, _, _, _ = _both(
-            base("slow"),
-            url,
-            chat,
-            ["--concurrency", "10", "--requests", "10", "--body", _body("slow", False)],
-        )
+        d, r, _, _, _ = both("slow", 10, False)
         mean_d = statistics.mean(d["latencies"]) if d["latencies"] else float("nan")
         mean_r = statistics.mean(r["latencies"]) if r["latencies"] else float("nan")
         rows.append(
@@ -274,11 +270,10 @@ def _scenarios(
         runs = []
         for _ in range(args.repeat):
             runs.append(
-                _both(
-                    base("stream"),
-                    url,
-                    chat,
-                    ["--concurrency", n, "--requests", n, "--body", _body("stream", True)],
+                both(
+                    "stream",
+                    args.streams,
+                    True,
                     probe=True,
                     probe_s=3,
                     pids=[daemon_pid, _pid_on_port(ports["stream"])],
@@ -318,13 +313,7 @@ def _scenarios(
                 )
             )
     if "d" in args.only:
-        d, r, _, _, _ = _both(
-            base("fast"),
-            url,
-            chat,
-            ["--concurrency", "64", "--requests", "64", "--body", _body("fast", True)],
-            pids=[daemon_pid, _pid_on_port(ports["fast"])],
-        )
+        d, r, _, _, _ = both("fast", 64, True, pids=[daemon_pid, _pid_on_port(ports["fast"])])
         cd, cr = d["events"] / d["wall_s"], r["events"] / r["wall_s"]
         rows.append(
             ("d", "64 streams, chunks/s", f"{cr:,.0f}", f"direct {cd:,.0f}", f"{cr / cd:.3f}×")

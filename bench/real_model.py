@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,8 +36,12 @@ import httpx
 import psutil
 import trio
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "gemma-3-270m"
+# Where llama-server and the GGUF are, and how trioserve runs them, is shared with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.config import daemon_config
+from tests.support.ports import free_port
+from tests.support.real_model import MODEL, llama_cmd, llama_model, missing
+
 PROMPTS = [
     "Count from 1 to 200, separated by commas.",
     "Write a short story about a lighthouse keeper.",
@@ -48,53 +51,7 @@ PROMPTS = [
 ]
 
 
-def llama_server() -> Path:
-    override = os.environ.get("TRIOSERVE_LLAMA_SERVER")
-    return Path(override) if override else ROOT / ".cache/llama-server/bin/llama-server"
-
-
-def gguf() -> Path:
-    override = os.environ.get("TRIOSERVE_GGUF")
-    if override:
-        return Path(override)
-    recorded = ROOT / ".cache/gemma-3-270m.path"
-    if recorded.is_file():
-        return Path(recorded.read_text().strip())
-    return ROOT / ".cache/models/gemma-3-270m-q4_k_m.gguf"
-
-
 THREADS = 1
-
-
-def llama_args(port: int | str, parallel: int) -> list[str]:
-    return [
-        str(llama_server()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-m",
-        str(gguf()),
-        "--alias",
-        MODEL,
-        "--no-jinja",
-        "--chat-template",
-        "gemma",
-        "-c",
-        str(2048 * parallel),
-        "--parallel",
-        str(parallel),
-        "--fit",
-        "off",
-        "--threads",
-        str(THREADS),
-    ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -193,7 +150,7 @@ async def cold_start_direct(client: httpx.AsyncClient, runs: int) -> list[float]
         port = free_port()
         start = time.perf_counter()
         proc = subprocess.Popen(
-            llama_args(port, 2),
+            llama_cmd(port, parallel=2, threads=THREADS),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -275,42 +232,19 @@ def summary(samples: list[Sample]) -> dict[str, float]:
     }
 
 
-def write_config(tmp: Path, port: int, parallel: int) -> Path:
-    first = 30000 + (os.getpid() % 100) * 40
-    model_cmd = llama_args("{port}", parallel)
-    text = "\n".join(
-        [
-            "[server]",
-            'host = "127.0.0.1"',
-            f"port = {port}",
-            f"state_dir = {json.dumps(str(tmp / 'state'))}",
-            "[supervisor]",
-            f"port_range = [{first}, {first + 39}]",
-            "start_timeout = 60",
-            "stop_grace = 5",
-            f"[models.{json.dumps(MODEL)}]",
-            f"cmd = {json.dumps(model_cmd)}",
-            'health_path = "/health"',
-            f"max_concurrency = {parallel}",
-            "ttl = 0",
-        ]
-    )
-    path = tmp / "bench.toml"
-    path.write_text(text + "\n")
-    return path
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    for path in (llama_server(), gguf()):
-        if not path.exists():
-            sys.exit(f"{path} is missing: run `make real-model` first")
+    if missing():
+        sys.exit(f"{', '.join(missing())} missing: run `make real-model` first")
     trioserve = Path(sys.executable).with_name("trioserve")
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
     with tempfile.TemporaryDirectory(prefix="trioserve-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        port = free_port()
-        config = write_config(tmp, port, parallel=2)
-        base = f"http://127.0.0.1:{port}"
+        config, base = daemon_config(
+            tmp / "bench.toml",
+            tmp / "state",
+            {MODEL: llama_model(parallel=2, threads=THREADS)},
+            supervisor={"start_timeout": 60, "stop_grace": 5},
+        )
         async with httpx.AsyncClient(trust_env=False, timeout=120) as plain:
             progress("cold starts, llama-server alone")
             direct_cold = await cold_start_direct(plain, args.cold_runs)

@@ -49,6 +49,10 @@ from _daemon import wait_healthy
 
 from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT
 
+# A free port as the tests take one: the helpers are shared with them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
 CHAT = "/v1/chat/completions"
@@ -89,12 +93,6 @@ def _config(state_dir: str, port: int, faults: bool, ports: int) -> str:
         argv = ", ".join(f'"{o}"' for o in options.split())
         lines += [f"[models.{name}]", f"cmd = [{echo}, {argv}]", "max_queue = 256", extra]
     return "\n".join(lines) + "\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _marked(instance: str, root: int | None = None) -> dict[str, set[int]]:
@@ -437,7 +435,7 @@ def main() -> int:
     args = parser.parse_args()
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     faults = not args.no_faults
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="trioserve-soak-") as tmp:
         conf = Path(tmp) / "soak.toml"

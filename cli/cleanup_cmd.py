@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from trioserve.config import Config
-from trioserve.host.cleanup import NOT_KILLED, find_leftovers, kill_leftovers, live_daemon
+from trioserve.host.cleanup import NOT_KILLED, find_leftovers, kill_leftovers
+from trioserve.host.running import live_daemon
 from trioserve.host.store import StateStore
 
 from .common import (

@@ -3,26 +3,37 @@ state store."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import sys
 from typing import Annotated
 
 import trio
 import typer
 
 from trioserve.config import Config
-from trioserve.host.cleanup import live_daemon, lock_holder, same_process
+from trioserve.host.identity import same_process
+from trioserve.host.running import live_daemon, lock_holder
 from trioserve.host.store import DaemonRow, StateStore
 
 from .common import EXIT_FAILURE, ConfigOption, die, load_or_exit, make_console, store_errors
 
-__all__ = ["register"]
+__all__ = ["register", "tune_process"]
 
 # Waiting for a process that is not our child, when pidfd is not available (Linux < 5.3).
 _EXIT_POLL = 0.1
 # Beyond the config's own shutdown_grace + stop_grace: interpreter exit, store writes.
 _STOP_SLACK = 10.0
+# Young collections every 10,000 allocations instead of 700: requests leave no reference
+# cycles (tests/test_gateway_garbage.py), so a collection finds little, yet walks (holding the
+# GIL) everything young, e.g. while 1,000 streams start.
+GC_THRESHOLDS = (10_000, 20, 20)
+# The /health thread (trioserve/server/listener.py) needs the GIL a few times per probe and
+# each time waits up to this for the busy loop to let go of it (the default 5 ms made probes
+# under load take up to 28 ms). Only a thread that asks for the GIL makes the loop yield it.
+SWITCH_INTERVAL = 0.001
 
 
 def _with_overrides(config: Config, host: str | None, port: int | None) -> Config:
@@ -53,12 +64,23 @@ def start(
         die(f"--log-level: unknown level {log_level!r}", 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trio.run(lambda: run_daemon(config, insecure=insecure))
+        trio.run(lambda: run_daemon(config, insecure=insecure, on_ready=tune_process))
     except DaemonError as exc:
         die(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         # A second Ctrl-C: children were still stopped by their shielded cleanup.
         raise typer.Exit(130) from None
+
+
+def tune_process() -> None:
+    """Process-wide settings for a busy daemon; ``start`` owns the process, so it sets them,
+    once the daemon has loaded everything (``run_daemon``'s ``on_ready``). Never undone: the
+    process ends with the daemon. See docs/performance.md for the measurements."""
+    # What is alive now (modules, apps, config) lives as long as the daemon: frozen, it is
+    # never walked again by a full collection, which holds the GIL and /health with it.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 class _NotAllowed(Exception):

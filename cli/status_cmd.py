@@ -12,7 +12,8 @@ import typer
 
 from trioserve.config import Config, load_config
 from trioserve.errors import ConfigError
-from trioserve.host.cleanup import Leftover, find_leftovers, live_daemon
+from trioserve.host.cleanup import Leftover, find_leftovers
+from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, StateStore
 
 from .client import ClientError, DaemonClient, NoDaemon, base_url
@@ -27,7 +28,8 @@ from .common import (
     load_or_exit,
     make_console,
 )
-from .tables import duration, leftovers_table, models_table
+from .tables import duration, leftovers_table, models_table, users_table
+from .users_cmd import UsersOption
 
 __all__ = ["register"]
 
@@ -123,8 +125,9 @@ def status(
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     config_file: ConfigOption = None,
+    users_only: UsersOption = False,
 ) -> None:
-    """Show the daemon's models; exit 3 (listing leftovers) when no daemon answers."""
+    """Show the daemon's models and users; exit 3 (listing leftovers) when no daemon answers."""
     config, config_error = _load_config(config_file)
     target = _daemon_url(url, config)
     try:
@@ -133,16 +136,24 @@ def status(
         _no_daemon(target, config, config_error, as_json)
     except ClientError as exc:
         die(str(exc))
+    has_users = isinstance(answer.get("users"), dict)
+    if users_only and not has_users:
+        die(f"{target}/admin/status has no users (a trioserve without users?)")
     if as_json:
-        typer.echo(json.dumps(answer, indent=2))
+        typer.echo(json.dumps(answer["users"] if users_only else answer, indent=2))
         return
     out = make_console()
+    if users_only:
+        out.print(users_table(answer))
+        return
     out.print(
         f"trioserve {answer.get('version', '?')} at {target}: pid {answer.get('pid')}, "
         f"instance {answer.get('instance')}, up {duration(answer.get('uptime_s'))}",
         markup=False,
     )
     out.print(models_table(answer))
+    if has_users:
+        out.print(users_table(answer))
 
 
 def register(app: typer.Typer) -> None:

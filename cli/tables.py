@@ -1,4 +1,4 @@
-"""Rich tables shared by ``status`` and ``cleanup``."""
+"""Rich tables shared by ``status``, ``users`` and ``cleanup``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from trioserve.host.cleanup import Leftover
 
-__all__ = ["duration", "first_line", "leftovers_table", "models_table"]
+__all__ = ["duration", "first_line", "leftovers_table", "models_table", "users_table"]
 
 _LAST_ERROR_CHARS = 80
 
@@ -73,6 +74,33 @@ def models_table(status: Mapping[str, Any]) -> Table:
             _cell(model.get("restarts")),
             first_line(model.get("last_error")),
         )
+    return table
+
+
+_ANONYMOUS = "anonymous"
+# The columns of `users_table` and the keys of an ``/admin/status`` user entry they show.
+_USER_COLUMNS = (
+    ("IN-FLIGHT", "in_flight"),
+    ("QUEUED", "queued"),
+    ("REQUESTS", "requests"),
+    ("PROMPT-TOKENS", "prompt_tokens"),
+    ("COMPLETION-TOKENS", "completion_tokens"),
+)
+
+
+def users_table(status: Mapping[str, Any]) -> Table:
+    """The users of an ``/admin/status`` answer: in flight and queued now (over all models),
+    requests and tokens since the daemon started."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("USER", no_wrap=True)
+    for column, _ in _USER_COLUMNS:
+        table.add_column(column, justify="right", no_wrap=True)
+    users: Mapping[str, Mapping[str, Any]] = status.get("users") or {}
+    # By name, everyone without a user's key last ("anonymous" is no configured user's name).
+    for name in sorted(users, key=lambda name: (name == _ANONYMOUS, name)):
+        # Text, not a str: a configured name is never read as rich markup.
+        row = (_cell(users[name].get(key)) for _, key in _USER_COLUMNS)
+        table.add_row(Text(name), *row)
     return table
 
 

@@ -16,31 +16,22 @@ import pytest
 import trio
 
 import trioserve.gateway.relay
-from tests.conftest import SpawnCounter
-from tests.gateway_helpers import chat
-from tests.test_faults_support import (
+from tests.support.config import SpawnCounter, make_config
+from tests.support.daemon import leak_checked_daemon
+from tests.support.http import (
+    RawConnection,
     assert_openai_error,
-    config_for,
-    leak_checked_daemon,
-    model_processes,
-    raw_address,
+    chat,
     raw_exchange,
+    raw_post,
     status_of,
 )
+from tests.support.processes import model_processes
 from trioserve.server import listener
 
 
 async def _still_up(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).status_code == 200
-
-
-def _post_head(length: int, *extra_headers: bytes) -> bytes:
-    """The head of a chat request with a body of ``length`` bytes."""
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + b"".join(h + b"\r\n" for h in extra_headers)
-        + f"Content-Length: {length}\r\n\r\n".encode()
-    )
 
 
 # -- bodies ------------------------------------------------------------------------------------
@@ -65,7 +56,7 @@ BAD_BODIES = {
 async def test_bodies_that_are_not_a_request_get_400_and_start_nothing(
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
-    config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
+    config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
         for name, body in BAD_BODIES.items():
             response = await client.post("/v1/chat/completions", content=body)
@@ -79,7 +70,7 @@ async def test_bodies_that_are_not_a_request_get_400_and_start_nothing(
 async def test_duplicate_model_keys_route_by_the_last_as_the_backend_reads_them(
     state_dir: Path,
 ) -> None:
-    async with leak_checked_daemon(config_for(state_dir)) as (_, client):
+    async with leak_checked_daemon(make_config(state_dir)) as (_, client):
         messages = json.dumps(chat()["messages"])
         last_known = f'{{"model": "nope", "messages": {messages}, "model": "echo"}}'
         response = await client.post("/v1/chat/completions", content=last_known)
@@ -95,7 +86,7 @@ async def test_duplicate_model_keys_route_by_the_last_as_the_backend_reads_them(
 
 
 async def test_huge_model_string_gets_404_quickly_and_no_metric_label(state_dir: Path) -> None:
-    async with leak_checked_daemon(config_for(state_dir)) as (_, client):
+    async with leak_checked_daemon(make_config(state_dir)) as (_, client):
         huge = "m" * 3_000_000  # under the 4 MiB body limit
         with trio.fail_after(10):
             response = await client.post("/v1/chat/completions", json=chat(huge))
@@ -133,13 +124,13 @@ async def test_model_names_with_path_shell_and_odd_characters_are_just_unknown(
     state_dir: Path, spawns: SpawnCounter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # where a shell-expanded `touch PWNED` would land
-    config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
+    config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
         for name in NAMES_IN_PATHS:
             for method, action in [(b"POST", b"load"), (b"POST", b"unload"), (b"GET", b"logs")]:
                 request = method + b" /admin/models/" + name + b"/" + action
                 request += b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                raw, _ = await raw_exchange(info.url, request, within=5)
+                raw = await raw_exchange(info.url, request, within=5)
                 head, _, body = raw.partition(b"\r\n\r\n")
                 # Either no such model, or (a name with a slash in it) no such route.
                 assert status_of(head) == 404, (request, raw[:300])
@@ -166,12 +157,12 @@ async def test_model_names_with_path_shell_and_odd_characters_are_just_unknown(
 async def test_both_content_length_and_transfer_encoding_get_400_and_start_nothing(
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
-    config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
+    config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
         body = json.dumps(chat("echo")).encode()
         chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
-        head = _post_head(len(body), b"Transfer-Encoding: chunked")
-        answer, _ = await raw_exchange(info.url, head + chunked)
+        head = raw_post(b"", b"Transfer-Encoding: chunked", length=len(body))
+        answer = await raw_exchange(info.url, head + chunked)
         assert status_of(answer) == 400, answer[:300]
         assert b"both Content-Length and Transfer-Encoding" in answer
         assert spawns.count("echo") == 0
@@ -179,34 +170,23 @@ async def test_both_content_length_and_transfer_encoding_get_400_and_start_nothi
 
 
 async def test_chunked_body_over_the_limit_gets_413_before_it_ends(state_dir: Path) -> None:
-    config = config_for(state_dir, server={"max_body_bytes": 1000})
+    config = make_config(state_dir, server={"max_body_bytes": 1000})
     async with leak_checked_daemon(config) as (info, client):
-        stream = await trio.open_tcp_stream(*raw_address(info.url))
-        async with stream:
-            await stream.send_all(
+        async with await RawConnection.open(info.url) as connection:
+            assert await connection.send(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n"
             )
             # 1,100 bytes in 100-byte chunks, and no last chunk: the body never ends, so an
             # answer proves it was refused without being read to the end.
             for _ in range(11):
-                await stream.send_all(b"64\r\n" + b"x" * 100 + b"\r\n")
-            received = b""
-            with trio.fail_after(5):
-                while b"request_too_large" not in received:
-                    data = await stream.receive_some(65536)
-                    assert data, received
-                    received += data
+                await connection.send(b"64\r\n" + b"x" * 100 + b"\r\n")
+            received = await connection.read(lambda r: b"request_too_large" in r, within=5)
             head, _, body = received.partition(b"\r\n\r\n")
             assert status_of(head) == 413
             assert json.loads(body)["error"]["code"] == "request_too_large"
             # It does not wait for the rest either: the connection is closed.
-            with trio.fail_after(5):
-                try:
-                    while await stream.receive_some(65536):
-                        pass
-                except trio.BrokenResourceError:
-                    pass
+            await connection.read(within=5)
         await _still_up(client)
 
 
@@ -214,41 +194,29 @@ async def test_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_deadline(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch, spawns: SpawnCounter
 ) -> None:
     monkeypatch.setattr(trioserve.gateway.relay, "BODY_READ_TIMEOUT", 1.0)
-    config = config_for(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
+    config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
         body = json.dumps(chat()).encode()
-        stream = await trio.open_tcp_stream(*raw_address(info.url))
-        received = b""
-        closed_after: float | None = None
-        async with stream, trio.open_nursery() as nursery:
-            await stream.send_all(_post_head(len(body)))
+        connection = await RawConnection.open(info.url)
+        async with connection, trio.open_nursery() as nursery:
+            await connection.send(raw_post(b"", length=len(body)))
             start = trio.current_time()
 
             async def trickle() -> None:
                 # A slow client, by design: one byte every 0.2 s, far slower than the deadline.
                 for byte in body:
-                    try:
-                        await stream.send_all(bytes([byte]))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if not await connection.send(bytes([byte])):
                         return
                     await trio.sleep(0.2)
 
             nursery.start_soon(trickle)
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        data = b""
-                    if not data:
-                        closed_after = trio.current_time() - start
-                        break
-                    received += data
+            received = await connection.read(within=10)  # to the server's close
+            closed_after = trio.current_time() - start
             nursery.cancel_scope.cancel()
         head, _, payload = received.partition(b"\r\n\r\n")
         assert status_of(head) == 408, received[:300]
         assert json.loads(payload)["error"]["code"] == "invalid_request"
-        assert closed_after is not None and 1.0 <= closed_after < 4.0, closed_after
+        assert 1.0 <= closed_after < 4.0, closed_after
         assert spawns.count("echo") == 0
         await _still_up(client)
 
@@ -267,32 +235,20 @@ async def test_headers_over_the_limit_get_431_and_the_connection_closes(
     # Hypercorn's h11_max_incomplete_size (32 KiB) bounds what is buffered before the head is
     # complete. A head that arrives whole in one read (up to 64 KiB) is not "incomplete" and
     # passes, so the sizes here are ones that must cross the limit while still incomplete.
-    async with leak_checked_daemon(config_for(state_dir)) as (info, client):
+    async with leak_checked_daemon(make_config(state_dir)) as (info, client):
         request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
-        stream = await trio.open_tcp_stream(*raw_address(info.url))
-        received = b""
-        async with stream:
-            try:
-                for i in range(0, len(request), piece):
-                    await stream.send_all(request[i : i + piece])
-                    if i == 0 and piece < size:
-                        # Past the accept-time look at the first bytes (listener.PEEK_WAIT):
-                        # from here on Hypercorn reads the pieces as they come, instead of
-                        # finding the whole head waiting in one read.
-                        await trio.sleep(listener.PEEK_WAIT + 0.3)
-                    elif piece < size:
-                        await trio.sleep(0.001)
-            except trio.BrokenResourceError:
-                pass  # refused before it was all sent
-            with trio.fail_after(5):
-                while True:
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        break
-                    if not data:
-                        break
-                    received += data
+        async with await RawConnection.open(info.url) as connection:
+            for i in range(0, len(request), piece):
+                if not await connection.send(request[i : i + piece]):
+                    break  # refused before it was all sent
+                if i == 0 and piece < size:
+                    # Past the accept-time look at the first bytes (listener.PEEK_WAIT):
+                    # from here on Hypercorn reads the pieces as they come, instead of
+                    # finding the whole head waiting in one read.
+                    await trio.sleep(listener.PEEK_WAIT + 0.3)
+                elif piece < size:
+                    await trio.sleep(0.001)
+            received = await connection.read(within=5)  # to the server's close
         assert status_of(received) == 431, received[:300]
         assert b"connection: close" in received.lower()
         await _still_up(client)

@@ -12,19 +12,14 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import SpawnCounter
-from tests.gateway_helpers import chat
-from tests.test_faults_support import (
-    assert_openai_error,
-    config_for,
-    leak_checked_daemon,
-    model_processes,
-    raw_exchange,
-    status_of,
-)
+from tests.support.config import SpawnCounter, make_config
+from tests.support.daemon import leak_checked_daemon
+from tests.support.http import assert_openai_error, chat, raw_exchange, status_of
+from tests.support.processes import model_processes
 
 API_KEY = "sk-api-0123456789"
 ADMIN_KEY = "sk-admin-9876543210"
+KEYS = {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]}  # the [server] settings
 
 
 def _bearer(value: str) -> dict[str, str]:
@@ -65,11 +60,7 @@ ADMIN_ROUTES = [
 async def test_keys_guard_every_v1_and_admin_route_but_not_health_or_metrics(
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
-    config = config_for(
-        state_dir,
-        {"echo": {"cmd": spawns.cmd("echo")}},
-        server={"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]},
-    )
+    config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}}, server=KEYS)
     async with leak_checked_daemon(config) as (info, client):
         api, admin = _bearer(f"Bearer {API_KEY}"), _bearer(f"Bearer {ADMIN_KEY}")
         for method, path in V1_ROUTES + ADMIN_ROUTES:
@@ -112,7 +103,7 @@ BEARER_FORMS = [
 
 
 async def test_bearer_header_forms(state_dir: Path) -> None:
-    config = config_for(state_dir, server={"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]})
+    config = make_config(state_dir, server=KEYS)
     async with leak_checked_daemon(config) as (_, client):
         for value, accepted in BEARER_FORMS:
             # The relayed routes and the framework's routes check keys in two places.
@@ -126,7 +117,7 @@ async def test_bearer_header_forms(state_dir: Path) -> None:
 
 
 async def test_header_bytes_that_are_not_ascii_get_401_not_500(state_dir: Path) -> None:
-    config = config_for(state_dir, server={"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]})
+    config = make_config(state_dir, server=KEYS)
     async with leak_checked_daemon(config) as (info, client):
         for path in [b"/v1/chat/completions", b"/v1/models", b"/admin/status"]:
             method = b"POST" if path.endswith(b"completions") else b"GET"
@@ -135,7 +126,7 @@ async def test_header_bytes_that_are_not_ascii_get_401_not_500(state_dir: Path) 
                 b"Authorization: Bearer \xff\xfe" + API_KEY.encode() + b"\x80\r\n"
                 b"Content-Length: 2\r\n\r\n{}"
             )
-            raw, _ = await raw_exchange(info.url, request, within=5)
+            raw = await raw_exchange(info.url, request, within=5)
             assert status_of(raw) == 401, raw[:300]
         assert (await client.get("/health")).status_code == 200
 
@@ -153,7 +144,7 @@ async def test_keys_are_compared_in_constant_time_against_every_key(
     # The module trioserve.gateway.asgi compares with (hmac), so the spy sees exactly its calls.
     monkeypatch.setattr(hmac, "compare_digest", spy)
     keys = ["sk-first", "sk-second", "sk-third"]
-    config = config_for(state_dir, server={"api_keys": keys, "admin_keys": [ADMIN_KEY]})
+    config = make_config(state_dir, server={"api_keys": keys, "admin_keys": [ADMIN_KEY]})
     async with leak_checked_daemon(config) as (_, client):
         for token, status in [("sk-first", 200), ("sk-nope", 401), ("sk-third", 200)]:
             compared.clear()

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import daemon_config, echo_cmd
-from tests.test_faults_support import private_port_range
+from tests.support.config import daemon_config, echo_cmd
 
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 # Headers httpx sets itself from the body, or that would change the connection, not the request.
@@ -103,7 +102,6 @@ def test_generated_bodies_and_headers_never_get_500_or_hang(
         tmp_path / "state",
         {"echo": {"cmd": echo_cmd("--tokens", "3"), "aliases": ["parrot"]}},
         server={"max_body_bytes": 4096},
-        supervisor={"port_range": private_port_range()},
     )
     daemon = spawn_daemon(config, url)
     daemon.load("echo")

@@ -21,7 +21,9 @@ import pytest
 import trio
 
 import trioserve.daemon
-from tests.test_faults_support import config_for, leak_checked_daemon, raw_address
+from tests.support.config import make_config
+from tests.support.daemon import leak_checked_daemon
+from tests.support.http import raw_address
 from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT, hypercorn_config
 
 
@@ -74,7 +76,7 @@ async def _one_slowloris(
 async def test_slowloris_connections_are_closed_by_the_idle_timer(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = config_for(state_dir)
+    config = make_config(state_dir)
     # The mechanism is on in the real settings, with a bound.
     assert 0 < hypercorn_config(config).keep_alive_timeout <= 120
 
@@ -133,7 +135,7 @@ def _p99(values: list[float]) -> float:
 async def test_health_stays_fast_while_fifty_slowloris_connections_trickle(
     state_dir: Path,
 ) -> None:
-    async with leak_checked_daemon(config_for(state_dir)) as (info, client):
+    async with leak_checked_daemon(make_config(state_dir)) as (info, client):
         address = raw_address(info.url)
         alone = await _probe(address, 130)
         closed_after: list[float] = []

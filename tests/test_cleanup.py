@@ -17,11 +17,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from typer.testing import CliRunner, Result
 
-import trioserve.host.cleanup as cleanup_mod
 import trioserve_cli.cleanup_cmd
-from tests.conftest import write_toml
+from tests.support.cli import invoke
+from tests.support.config import write_toml
+from tests.support.processes import alive
+from trioserve.host import groupkill
 from trioserve.host.cleanup import (
     KILLED,
     KILLED_HARD,
@@ -32,7 +33,6 @@ from trioserve.host.cleanup import (
 )
 from trioserve.host.store import DaemonRow, InstanceLock, StateStore
 from trioserve.supervision.process import process_start_time, read_boot_id
-from trioserve_cli.main import app
 
 # Prints "ready" once its signal handling is set up, so a test never races the handler.
 CHILD = r"""
@@ -135,22 +135,6 @@ def record(
     )
 
 
-def alive(proc: subprocess.Popen[str]) -> bool:
-    try:
-        return psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def cleanup(config_file: Path, *args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(
-        app,
-        ["cleanup", "--config", str(config_file), *args],
-        env={"TRIOSERVE_CONFIG": None, "STATE_DIRECTORY": None},
-        input=input,
-    )
-
-
 # -- identity ------------------------------------------------------------------------------------
 
 
@@ -167,11 +151,11 @@ def test_row_whose_pid_now_belongs_to_another_program_is_not_killed(
     assert (item.pid, item.alive, item.proven) == (unrelated.pid, False, False)
     assert "another program" in item.note
 
-    result = cleanup(config_file, "--yes")
+    result = invoke(["cleanup", "--config", str(config_file), "--yes"])
     assert result.exit_code == 0, result.output
     assert "pid now belongs to another program" in result.stdout
     assert "not touched" in result.stdout
-    assert alive(unrelated)
+    assert alive(unrelated.pid)
     # The row is closed (its process is gone), the unrelated process left as it was.
     assert [r.id for r in store.children(live_only=True)] == []
     assert [r.state for r in store.children() if r.id == row_id] == ["gone"]
@@ -193,7 +177,7 @@ def test_row_from_another_boot_is_never_proven(children: Children, store: StateS
     [item] = find_leftovers(store, live=None)
     assert not item.proven and "rebooted" in item.note
     kill_leftovers(store, [item], grace=0.1)
-    assert alive(proc)
+    assert alive(proc.pid)
 
 
 def test_row_with_true_start_time_is_killed(
@@ -201,9 +185,9 @@ def test_row_with_true_start_time_is_killed(
 ) -> None:
     proc = children.start()
     row_id = record(store, proc.pid)
-    result = cleanup(config_file, "--yes")
+    result = invoke(["cleanup", "--config", str(config_file), "--yes"])
     assert result.exit_code == 0, result.output
-    assert not alive(proc)
+    assert not alive(proc.pid)
     assert "killed 1 process group(s); nothing is left" in result.stdout
     assert [r.state for r in store.children() if r.id == row_id] == ["reclaimed"]
 
@@ -216,7 +200,7 @@ def test_marker_of_a_dead_instance_is_killed_without_any_row(
     assert (item.model, item.source, item.instance) == ("llama", "marker", "deadbeef0002")
     [done] = kill_leftovers(store, [item], grace=2)
     assert done.outcome == KILLED
-    assert not alive(proc)
+    assert not alive(proc.pid)
 
 
 def test_marker_of_another_state_dir_is_left_alone(
@@ -302,7 +286,7 @@ def test_child_ignoring_sigterm_is_killed_after_grace(
     [item] = find_leftovers(store, live=None)
     [done] = kill_leftovers(store, [item], grace=0.3)
     assert done.outcome == KILLED_HARD
-    assert not alive(proc)
+    assert not alive(proc.pid)
 
 
 def test_whole_process_group_is_killed(children: Children, store: StateStore) -> None:
@@ -319,11 +303,11 @@ def test_group_whose_members_are_all_strangers_is_not_signalled(children: Childr
     # A group we knew by (pid, start time) whose only member now has another start time: the
     # pgid was reused by someone else. It must count as gone and never be signalled.
     stranger = children.start()
-    groups = cleanup_mod._Groups([stranger.pid], {stranger.pid: {(stranger.pid, 1234)}})
+    groups = groupkill._Groups([stranger.pid], {stranger.pid: {(stranger.pid, 1234)}})
     groups.refresh()
     assert groups.alive() == []
     groups.signal(signal.SIGKILL)
-    assert alive(stranger)
+    assert alive(stranger.pid)
 
 
 def test_group_that_survives_sigkill_is_reported_and_exits_1(
@@ -335,13 +319,13 @@ def test_group_that_survives_sigkill_is_reported_and_exits_1(
     proc = children.start()
     record(store, proc.pid)
     # Stand-in for a process stuck in uninterruptible sleep: signals have no effect.
-    monkeypatch.setattr(cleanup_mod.os, "killpg", lambda pgid, signum: None)
-    monkeypatch.setattr(cleanup_mod, "_SIGKILL_WAIT", 0.2)
-    result = cleanup(config_file, "--yes")
+    monkeypatch.setattr(groupkill.os, "killpg", lambda pgid, signum: None)
+    monkeypatch.setattr(groupkill, "SIGKILL_WAIT", 0.2)
+    result = invoke(["cleanup", "--config", str(config_file), "--yes"])
     assert result.exit_code == 1, result.output
     assert NOT_KILLED in result.stdout
     assert f"1 process group(s) could not be killed: m pid {proc.pid}" in result.stderr
-    assert alive(proc)
+    assert alive(proc.pid)
     assert len(store.children(live_only=True)) == 1  # still recorded: still there
 
 
@@ -353,11 +337,11 @@ def test_dry_run_lists_and_kills_nothing(
 ) -> None:
     proc = children.start()
     record(store, proc.pid, model="llama", port=20444)
-    result = cleanup(config_file, "--dry-run")
+    result = invoke(["cleanup", "--config", str(config_file), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "llama" in result.stdout and str(proc.pid) in result.stdout and "20444" in result.stdout
     assert "dry run: would kill 1 process group(s)" in result.stdout
-    assert alive(proc)
+    assert alive(proc.pid)
     assert len(store.children(live_only=True)) == 1
 
 
@@ -366,13 +350,13 @@ def test_without_yes_and_no_terminal_it_refuses_with_exit_2(
 ) -> None:
     proc = children.start()
     record(store, proc.pid)
-    result = cleanup(config_file)
+    result = invoke(["cleanup", "--config", str(config_file)])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (
         "trioserve: refusing to kill 1 process group(s) without confirmation: stdin is not a "
         "terminal; pass --yes (or --dry-run to only list them)"
     )
-    assert alive(proc)
+    assert alive(proc.pid)
 
 
 @pytest.mark.parametrize(("answer", "code", "killed"), [("n\n", 1, False), ("y\n", 0, True)])
@@ -388,14 +372,14 @@ def test_on_a_terminal_it_asks_first(
     proc = children.start()
     record(store, proc.pid)
     monkeypatch.setattr(trioserve_cli.cleanup_cmd, "_stdin_is_terminal", lambda: True)
-    result = cleanup(config_file, input=answer)
+    result = invoke(["cleanup", "--config", str(config_file)], input=answer)
     assert result.exit_code == code, result.output
     assert "Kill 1 process group(s)?" in result.stdout
-    assert alive(proc) is not killed
+    assert alive(proc.pid) is not killed
 
 
 def test_nothing_to_clean_up(config_file: Path, state_dir: Path) -> None:
-    result = cleanup(config_file)
+    result = invoke(["cleanup", "--config", str(config_file)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"nothing to clean up for {state_dir}"
     # Looking did not create a store.
@@ -414,8 +398,6 @@ def test_trioserve_config_names_the_store_when_no_option(
 ) -> None:
     proc = children.start()
     record(store, proc.pid)
-    result = CliRunner().invoke(
-        app, ["cleanup", "--dry-run"], env={"TRIOSERVE_CONFIG": str(config_file)}
-    )
+    result = invoke(["cleanup", "--dry-run"], TRIOSERVE_CONFIG=str(config_file))
     assert result.exit_code == 0, result.output
     assert str(proc.pid) in result.stdout

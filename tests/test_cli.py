@@ -9,29 +9,15 @@ from typing import Any
 
 import psutil
 import pytest
-from typer.testing import CliRunner, Result
 
-from tests.conftest import DaemonProcess, daemon_config, echo_cmd, free_port, health_server_cmd
+from tests.support.cli import error_line, invoke
+from tests.support.config import daemon_config, echo_cmd, health_server_cmd
+from tests.support.daemon import DaemonProcess
+from tests.support.ports import free_port
+from tests.support.processes import alive
 from trioserve_cli.client_cmds import new_lines
-from trioserve_cli.main import app
 
 FAILING = ["{python}", "-c", "import sys; print('cannot load weights', flush=True); sys.exit(3)"]
-
-
-def invoke(args: list[str], **env: str | None) -> Result:
-    base: dict[str, str | None] = {
-        "TRIOSERVE_CONFIG": None,
-        "TRIOSERVE_URL": None,
-        "TRIOSERVE_API_KEY": None,
-        "STATE_DIRECTORY": None,
-        "COLUMNS": None,
-    }
-    return CliRunner().invoke(app, args, env={**base, **env})
-
-
-def error_line(result: Result) -> str:
-    assert "Traceback" not in result.output
-    return result.stderr.strip().splitlines()[0]
 
 
 def dead_url() -> str:
@@ -275,7 +261,7 @@ def test_models_unload(daemon: Daemon, force: bool) -> None:
     result = invoke(args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "echo: stopped"
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not alive(pid)
 
 
 # -- logs ----------------------------------------------------------------------------------------

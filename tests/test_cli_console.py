@@ -14,36 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import (
-    TRIOSERVE_BIN,
-    DaemonProcess,
-    clean_env,
-    daemon_config,
-    echo_cmd,
-    processes_of_state_dir,
-)
-
-
-def trioserve(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(TRIOSERVE_BIN), *args],
-        env=clean_env(),
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests.support.cli import run_trioserve
+from tests.support.config import daemon_config, echo_cmd
+from tests.support.daemon import TRIOSERVE_BIN, DaemonProcess, clean_env
+from tests.support.processes import alive, processes_of_state_dir
 
 
 def two_model_daemon(
@@ -65,11 +41,11 @@ def two_model_daemon(
 @pytest.mark.slow
 def test_sigkilled_daemon_leftovers_status_then_cleanup(tmp_path: Path, spawn_daemon: Any) -> None:
     daemon, config, pids = two_model_daemon(tmp_path, spawn_daemon)
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.wait()
-    assert all(running(pid) for pid in pids.values())
+    # With its guard: a daemon SIGKILLed alone has its models stopped by the guard.
+    daemon.kill_with_its_guard()
+    assert all(alive(pid) for pid in pids.values())
 
-    status = trioserve("status", "--url", daemon.url, "--config", str(config))
+    status = run_trioserve("status", "--url", daemon.url, "--config", str(config))
     assert status.returncode == 3, status.stderr
     lines = status.stdout.splitlines()
     assert lines[0] == f"no daemon answers at {daemon.url}"
@@ -79,7 +55,7 @@ def test_sigkilled_daemon_leftovers_status_then_cleanup(tmp_path: Path, spawn_da
         assert row[4] == "yes"  # ALIVE
     assert "2 model process(es) still running without a daemon" in status.stdout
 
-    as_json = trioserve("status", "--json", "--url", daemon.url, "--config", str(config))
+    as_json = run_trioserve("status", "--json", "--url", daemon.url, "--config", str(config))
     assert as_json.returncode == 3
     report = json.loads(as_json.stdout)
     assert report["daemon"] is None
@@ -88,26 +64,26 @@ def test_sigkilled_daemon_leftovers_status_then_cleanup(tmp_path: Path, spawn_da
         ("beta", pids["beta"], True),
     }
 
-    dry = trioserve("cleanup", "--dry-run", "--config", str(config))
+    dry = run_trioserve("cleanup", "--dry-run", "--config", str(config))
     assert dry.returncode == 0, dry.stderr
     assert "dry run: would kill 2 process group(s)" in dry.stdout
-    assert all(running(pid) for pid in pids.values())
+    assert all(alive(pid) for pid in pids.values())
 
-    refused = trioserve("cleanup", "--config", str(config))  # stdin is not a terminal
+    refused = run_trioserve("cleanup", "--config", str(config))  # stdin is not a terminal
     assert refused.returncode == 2
     assert "pass --yes" in refused.stderr
-    assert all(running(pid) for pid in pids.values())
+    assert all(alive(pid) for pid in pids.values())
 
-    done = trioserve("cleanup", "--yes", "--config", str(config))
+    done = run_trioserve("cleanup", "--yes", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "killed 2 process group(s); nothing is left" in done.stdout
-    assert not any(running(pid) for pid in pids.values())
+    assert not any(alive(pid) for pid in pids.values())
     assert processes_of_state_dir(tmp_path) == []
 
-    after = trioserve("status", "--url", daemon.url, "--config", str(config))
+    after = run_trioserve("status", "--url", daemon.url, "--config", str(config))
     assert after.returncode == 3
     assert "records no model process" in after.stdout
-    again = trioserve("cleanup", "--yes", "--config", str(config))
+    again = run_trioserve("cleanup", "--yes", "--config", str(config))
     assert again.returncode == 0
     assert again.stdout.strip() == f"nothing to clean up for {tmp_path / 'state'}"
 
@@ -119,14 +95,14 @@ def test_cleanup_beside_a_live_daemon_leaves_its_children_alone(
     daemon = spawn_daemon(config, url)
     daemon.load("echo")
     pid = daemon.status()["models"]["echo"]["pid"]
-    result = trioserve("cleanup", "--yes", "--config", str(config))
+    result = run_trioserve("cleanup", "--yes", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"a daemon is running for {tmp_path / 'state'} (pid {daemon.pid}, {url}): "
         "its models are left alone",
         f"nothing to clean up for {tmp_path / 'state'}",
     ]
-    assert running(pid)
+    assert alive(pid)
     assert daemon.status()["models"]["echo"]["state"] == "ready"
 
 
@@ -137,21 +113,21 @@ def test_status_then_stop_through_the_console_script(tmp_path: Path, spawn_daemo
     daemon.load("echo")
     child = daemon.status()["models"]["echo"]["pid"]
 
-    status = trioserve("status", "--url", url)
+    status = run_trioserve("status", "--url", url)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[0].startswith(f"trioserve 0.1.0 at {url}: pid {daemon.pid}")
     assert status.stdout.splitlines()[2].split()[:3] == ["echo", "ready", str(child)]
 
-    stop = trioserve("stop", "--config", str(config))
+    stop = run_trioserve("stop", "--config", str(config))
     assert stop.returncode == 0, stop.stderr
     assert f"trioserve pid {daemon.pid} stopped" in stop.stdout
     assert daemon.wait(timeout=1) == 0
-    assert not running(child)
+    assert not alive(child)
 
-    gone = trioserve("status", "--url", url, "--config", str(config))
+    gone = run_trioserve("status", "--url", url, "--config", str(config))
     assert gone.returncode == 3
     assert gone.stdout.splitlines()[0] == f"no daemon answers at {url}"
-    assert trioserve("stop", "--config", str(config)).returncode == 1
+    assert run_trioserve("stop", "--config", str(config)).returncode == 1
 
 
 class LineReader:

@@ -8,29 +8,18 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from tests.conftest import TRIOSERVE_BIN, clean_env, daemon_config, free_port, write_toml
-from trioserve_cli.main import app
+from tests.support.cli import invoke, run_trioserve
+from tests.support.config import daemon_config, write_toml
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(args: list[str], **env: str | None) -> Result:
-    # Unset what the outer environment might set; the test's own values win.
-    base: dict[str, str | None] = {
-        "TRIOSERVE_CONFIG": None,
-        "TRIOSERVE_URL": None,
-        "STATE_DIRECTORY": None,
-        "NOTIFY_SOCKET": None,
-    }
-    return CliRunner().invoke(app, args, env={**base, **env})
 
 
 def resolved(result: Result) -> dict[str, Any]:
@@ -160,6 +149,54 @@ BAD_CONFIGS = {
         '[models.a]\ncmd = ["x"]\n[models.b]\ncmd = ["y"]\naliases = ["a"]\n',
         r"models\.b\.aliases: 'a' is already used by a",
     ),
+    "user-key-of-another-user": (
+        '[users.alice]\napi_keys = ["sk-1"]\n[users.bob]\napi_keys = ["sk-2", "sk-1"]\n',
+        r"users\.bob\.api_keys: a key is already used by users\.alice$",
+    ),
+    "user-key-is-a-server-key": (
+        '[server]\napi_keys = ["sk-1"]\n[users.alice]\napi_keys = ["sk-1"]\n',
+        r"users\.alice\.api_keys: a key is already used by server\.api_keys$",
+    ),
+    "user-key-twice": (
+        '[users.alice]\napi_keys = ["sk-1", "sk-1"]\n',
+        r"users\.alice\.api_keys: a key is listed twice$",
+    ),
+    "user-key-empty": (
+        '[users.alice]\napi_keys = [" "]\n',
+        r"users\.alice\.api_keys: an API key must not be empty$",
+    ),
+    "user-weight-zero": (
+        "[users.alice]\nweight = 0\n",
+        r"users\.alice\.weight: must be > 0$",
+    ),
+    "user-weight-negative-float": (
+        "[users.alice]\nweight = -0.5\n",
+        r"users\.alice\.weight: must be > 0$",
+    ),
+    "user-weight-infinite": (
+        "[users.alice]\nweight = inf\n",
+        r"users\.alice\.weight: input should be a finite number$",
+    ),
+    "user-weight-string": (
+        '[users.alice]\nweight = "2"\n',
+        r"users\.alice\.weight: input should be a valid number, got '2'$",
+    ),
+    "user-negative-max-queue": (
+        "[users.alice]\nmax_queue = -1\n",
+        r"users\.alice\.max_queue: must be >= 0$",
+    ),
+    "user-negative-max-concurrency": (
+        "[users.alice]\nmax_concurrency = -1\n",
+        r"users\.alice\.max_concurrency: must be >= 0$",
+    ),
+    "user-unknown-key": (
+        '[users.alice]\napi_key = "sk-1"\n',
+        r"users\.alice\.api_key: unknown key$",
+    ),
+    "user-named-anonymous": (
+        "[users.anonymous]\nweight = 2\n",
+        r"users\.anonymous: 'anonymous' is reserved for requests without a user's key$",
+    ),
 }
 
 
@@ -172,6 +209,40 @@ def test_bad_config_names_file_key_path_and_reason(tmp_path: Path, kind: str) ->
     assert result.exit_code == 2, result.output
     line = one_error_line(result)
     assert re.fullmatch(rf"trioserve: {re.escape(str(path))}: {reason}.*", line), line
+
+
+def test_key_errors_never_print_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "dup.toml"
+    path.write_text(
+        '[users.a]\napi_keys = ["sk-secret-1"]\n[users.b]\napi_keys = ["sk-secret-1"]\n'
+    )
+    result = invoke(["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert "sk-secret" not in result.output
+
+
+def test_check_shows_users_with_their_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "users.toml"
+    path.write_text(
+        '[server]\napi_keys = ["sk-server"]\n'
+        '[users.alice]\napi_keys = ["sk-alice"]\nweight = 3\n'
+        "[users.bob]\nmax_concurrency = 2\nmax_queue = 4\nweight = 0.5\n"
+    )
+    result = invoke(["config", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    # Keys are shown as server.api_keys are: as written.
+    assert resolved(result)["users"] == {
+        "alice": {"api_keys": ["sk-alice"], "weight": 3.0, "max_concurrency": 0, "max_queue": 0},
+        "bob": {"api_keys": [], "weight": 0.5, "max_concurrency": 2, "max_queue": 4},
+    }
+    assert resolved(result)["server"]["api_keys"] == ["sk-server"]
+
+
+def test_no_users_section_means_no_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    result = invoke(["config", "check", "conf/trioserve.toml"])
+    assert result.exit_code == 0, result.output
+    assert resolved(result)["users"] == {}
 
 
 def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
@@ -248,13 +319,7 @@ def test_start_on_a_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [str(TRIOSERVE_BIN), "start", "--config", str(config), "--port", str(port)],
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_trioserve("start", "--config", str(config), "--port", str(port))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,10 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import daemon_config, echo_cmd, processes_of_state_dir, take_port_range
+from tests.support.config import daemon_config, echo_cmd
+from tests.support.ports import bindable
+from tests.support.ports import port_range as take_port_range
+from tests.support.processes import processes_of_state_dir
 from trioserve.host.store import StateStore
 
 
@@ -25,18 +27,9 @@ def free_pair() -> int:
     """
     first, last = take_port_range(40)
     for port in range(first, last):
-        if all(_bindable(p) for p in (port, port + 1)):
+        if all(bindable(p) for p in (port, port + 1)):
             return port
     raise AssertionError(f"no two free ports in [{first}, {last}]")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def running(pid: int) -> bool:
@@ -64,8 +57,8 @@ def test_new_start_reclaims_leftovers_and_their_ports(tmp_path: Path, spawn_daem
         entry = old.load(name)
         leftovers[name] = (old.status()["models"][name]["pid"], entry["port"])
     assert {port for _, port in leftovers.values()} == {first, first + 1}
-    old.proc.send_signal(signal.SIGKILL)
-    old.wait()
+    # With its guard: a daemon SIGKILLed alone has its models stopped by the guard.
+    old.kill_with_its_guard()
     assert all(running(pid) for pid, _ in leftovers.values())
 
     new = spawn_daemon(config, url)

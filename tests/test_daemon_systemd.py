@@ -9,85 +9,23 @@ never see the variables.
 from __future__ import annotations
 
 import itertools
-import shutil
 import signal
-import socket
 import statistics
-import tempfile
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
-from tests.conftest import clean_env, daemon_config
+from tests.support.config import daemon_config
+from tests.support.daemon import clean_env
+from tests.support.notify import NotifyPeer
 
 WATCHDOG_USEC = 400_000
 PERIOD = WATCHDOG_USEC / 2 / 1_000_000
 
 
-@dataclass
-class Peer:
-    """systemd's end: a bound datagram socket; every message is kept with its arrival time."""
-
-    sock: socket.socket
-    notify_socket: str
-    received: list[tuple[float, str]] = field(default_factory=list)
-
-    def collect(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return
-            self.received.append((time.monotonic(), data.decode()))
-
-    def collect_until(self, field_text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(field_text in message.split("\n") for _, message in self.received):
-            assert time.monotonic() < deadline, f"no {field_text}; got {self.messages}"
-            self.collect(0.1)
-
-    @property
-    def messages(self) -> list[str]:
-        return [message for _, message in self.received]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # sun_path holds 108 bytes; pytest's tmp_path can be longer than that.
-    path = Path(tempfile.mkdtemp(prefix="trioserve-sd-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(params=["path", "abstract"])
-def peer(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[Peer]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
-        address = str(short_dir / "notify")
-        sock.bind(address)
-        notify_socket = address
-    else:
-        name = f"trioserve-test-{uuid.uuid4().hex}"
-        sock.bind("\0" + name)
-        notify_socket = "@" + name
-    try:
-        yield Peer(sock, notify_socket)
-    finally:
-        sock.close()
-
-
 def test_ready_status_watchdog_stopping_in_order(
-    tmp_path: Path, spawn_daemon: Any, peer: Peer
+    tmp_path: Path, spawn_daemon: Any, peer: NotifyPeer
 ) -> None:
     config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
     env = clean_env(NOTIFY_SOCKET=peer.notify_socket, WATCHDOG_USEC=str(WATCHDOG_USEC))
@@ -138,7 +76,7 @@ def test_ready_status_watchdog_stopping_in_order(
 
 
 def test_nothing_is_sent_without_notify_socket(
-    tmp_path: Path, spawn_daemon: Any, peer: Peer
+    tmp_path: Path, spawn_daemon: Any, peer: NotifyPeer
 ) -> None:
     config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
     # WATCHDOG_USEC alone means nothing: there is nowhere to send to.

@@ -5,119 +5,25 @@ from __future__ import annotations
 import gc
 import json
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import httpx
 import openai
 import pytest
 import trio
 
+from tests.support.echo import echo_backend
+from tests.support.http import assert_openai_error, chat, sse_lines
 from trioserve.backends.echo import EchoOptions, embed, reply_tokens, serve
-
-# Generous: only reached when something is broken, and CI machines can be slow to start Python.
-START_TIMEOUT = 15.0
-# How long a disconnect may take to show in /stats. Every generation that should be cancelled
-# here would otherwise run for at least 10 s, so this bound tells prompt from eventual.
-CANCEL_TIMEOUT = 3.0
-# Between attempts to reach a starting child; polling is the honest tool only for that.
-POLL_INTERVAL = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Echo:
-    """A running echo child and a client for it."""
-
-    process: trio.Process
-    client: httpx.AsyncClient
-
-    async def first_answer(self) -> httpx.Response:
-        """The first /health answer, whatever its status, once the child listens."""
-        with trio.fail_after(START_TIMEOUT):
-            while True:
-                assert self.process.returncode is None, "the echo backend exited while starting"
-                try:
-                    return await self.client.get("/health")
-                except httpx.TransportError:
-                    await trio.sleep(POLL_INTERVAL)
-
-    async def wait_healthy(self) -> None:
-        with trio.fail_after(START_TIMEOUT):
-            while (await self.first_answer()).status_code != 200:
-                await trio.sleep(POLL_INTERVAL)
-
-    async def stats(self) -> dict[str, int]:
-        response = await self.client.get("/stats")
-        response.raise_for_status()
-        stats: dict[str, int] = response.json()
-        return stats
-
-    async def wait_stats(self, key: str, value: int) -> dict[str, int]:
-        """Stats once ``key`` reached ``value``; fails after CANCEL_TIMEOUT."""
-        with trio.fail_after(CANCEL_TIMEOUT):
-            while (stats := await self.stats())[key] < value:
-                await trio.sleep(POLL_INTERVAL)
-        return stats
-
-
-async def stop(process: trio.Process) -> None:
-    """Terminate and reap; a child that ignores SIGTERM is killed."""
-    if process.returncode is None:
-        process.terminate()
-        with trio.move_on_after(5):
-            await process.wait()
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
-
-
-@asynccontextmanager
-async def echo_backend(*args: str, wait_healthy: bool = True) -> AsyncIterator[Echo]:
-    """An echo child on a free loopback port, always terminated and reaped on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "trioserve.backends.echo", "--port", str(port), *args]
-    # stdout and stderr are inherited so that pytest shows the child's log next to a failure.
-    process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            echo = Echo(process, client)
-            if wait_healthy:
-                await echo.wait_healthy()
-            yield echo
-    finally:
-        with trio.CancelScope(shield=True):
-            await stop(process)
-
-
-def chat(content: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "echo", "messages": [{"role": "user", "content": content}], **extra}
 
 
 async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
-    async for line in response.aiter_lines():
-        if line.startswith("data: "):
-            yield line.removeprefix("data: ")
-
-
-def assert_error_shape(response: httpx.Response, status: int) -> None:
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert isinstance(error["message"], str)
-    assert isinstance(error["type"], str)
-    assert isinstance(error["code"], str)
+    """The ``data:`` payloads of the echo backend's event stream as they arrive (it sends
+    nothing else)."""
+    async for line in sse_lines(response):
+        assert line.startswith("data: "), line
+        yield line.removeprefix("data: ")
 
 
 def test_reply_cycles_the_input_words() -> None:
@@ -139,9 +45,11 @@ async def test_startup_delay_answers_loading_then_ok() -> None:
     async with echo_backend("--startup-delay", "1", wait_healthy=False) as echo:
         first = await echo.first_answer()
         assert (first.status_code, first.json()) == (503, {"status": "loading"})
-        assert_error_shape(await echo.client.post("/v1/chat/completions", json=chat("hi")), 503)
+        loading = await echo.client.post("/v1/chat/completions", json=chat(text="hi"))
+        assert_openai_error(loading, 503, "model_loading")
         await echo.wait_healthy()
-        assert (await echo.client.post("/v1/chat/completions", json=chat("hi"))).status_code == 200
+        ready = await echo.client.post("/v1/chat/completions", json=chat(text="hi"))
+        assert ready.status_code == 200
 
 
 async def test_chat_reply_echoes_the_last_user_message() -> None:
@@ -168,7 +76,9 @@ async def test_chat_reply_echoes_the_last_user_message() -> None:
 
 async def test_max_tokens_caps_the_reply() -> None:
     async with echo_backend("--tokens", "8") as echo:
-        response = await echo.client.post("/v1/chat/completions", json=chat("a b", max_tokens=3))
+        response = await echo.client.post(
+            "/v1/chat/completions", json=chat(text="a b", max_tokens=3)
+        )
         assert response.json()["choices"][0]["message"]["content"] == "a b a"
 
 
@@ -187,7 +97,7 @@ async def test_stream_sends_each_token_as_it_is_produced() -> None:
         sent_at = trio.current_time()
         first_chunk_after = None
         data: list[str] = []
-        request = chat("hello world", stream=True)
+        request = chat(text="hello world", stream=True)
         async with echo.client.stream("POST", "/v1/chat/completions", json=request) as response:
             assert response.headers["content-type"] == "text/event-stream"
             async for item in sse_data(response):
@@ -227,10 +137,12 @@ async def test_official_openai_client_understands_the_answers() -> None:
     async with echo_backend("--tokens", "2") as echo:
         base_url = str(echo.client.base_url.join("/v1"))
         async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as ai:
-            answer = await ai.chat.completions.create(model="echo", messages=chat("hi")["messages"])
+            answer = await ai.chat.completions.create(
+                model="echo", messages=chat(text="hi")["messages"]
+            )
             assert answer.choices[0].message.content == "hi hi"
             stream = await ai.chat.completions.create(
-                model="echo", messages=chat("hey")["messages"], stream=True
+                model="echo", messages=chat(text="hey")["messages"], stream=True
             )
             async with stream:
                 parts = [chunk.choices[0].delta.content or "" async for chunk in stream]
@@ -260,9 +172,10 @@ async def test_bad_json_is_a_400_and_unknown_path_a_404() -> None:
             content=b"{not json",
             headers={"content-type": "application/json"},
         )
-        assert_error_shape(bad, 400)
-        assert_error_shape(await echo.client.post("/v1/completions", json=[1, 2]), 400)
-        assert_error_shape(await echo.client.get("/v1/nothing-here"), 404)
+        assert_openai_error(bad, 400, "invalid_json")
+        not_an_object = await echo.client.post("/v1/completions", json=[1, 2])
+        assert_openai_error(not_an_object, 400, "invalid_json")
+        assert_openai_error(await echo.client.get("/v1/nothing-here"), 404, "not_found")
         assert await echo.stats() == {"started": 0, "completed": 0, "cancelled": 0}
 
 
@@ -270,7 +183,7 @@ async def test_crash_after_kills_the_process_mid_stream() -> None:
     async with echo_backend("--tokens", "10", "--crash-after", "3") as echo:
         data: list[str] = []
         with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
-            request = chat("boom", stream=True)
+            request = chat(text="boom", stream=True)
             async with echo.client.stream("POST", "/v1/chat/completions", json=request) as response:
                 async for item in sse_data(response):
                     data.append(item)
@@ -282,7 +195,7 @@ async def test_crash_after_kills_the_process_mid_stream() -> None:
 async def test_client_leaving_mid_stream_cancels_the_generation() -> None:
     # 1000 tokens at 10 ms each: 10 s, far longer than CANCEL_TIMEOUT.
     async with echo_backend("--tokens", "1000", "--token-delay", "0.01") as echo:
-        request = chat("bye", stream=True)
+        request = chat(text="bye", stream=True)
         received = 0
         # Cancelling rather than breaking out of the loop: httpx's nested async generators are
         # then finished by the exception instead of being left to the garbage collector.
@@ -302,7 +215,9 @@ async def test_client_leaving_a_slow_non_streaming_request_cancels_it() -> None:
     # 100 tokens at 0.1 s each: the answer would come after 10 s.
     async with echo_backend("--tokens", "100", "--token-delay", "0.1") as echo:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(echo.client.post, "/v1/chat/completions", json=chat("slow")))
+            nursery.start_soon(
+                partial(echo.client.post, "/v1/chat/completions", json=chat(text="slow"))
+            )
             await echo.wait_stats("started", 1)
             nursery.cancel_scope.cancel()  # the request's connection is closed
         stats = await echo.wait_stats("cancelled", 1)

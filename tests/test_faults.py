@@ -24,34 +24,34 @@ import pytest
 import trio
 
 import trioserve.supervision.supervisor
-from tests.conftest import (
+from tests.support.config import (
     SpawnCounter,
     echo_cmd,
+    echo_config,
     health_server_cmd,
-    running_daemon,
+    make_config,
+    script_cmd,
 )
-from tests.gateway_helpers import chat, wait_for_status
-from tests.test_faults_support import (
-    LeakCheck,
-    alive,
+from tests.support.daemon import LeakCheck, leak_checked_daemon, running_daemon
+from tests.support.http import (
+    RawConnection,
     assert_openai_error,
-    config_for,
-    eventually,
-    leak_checked_daemon,
-    model_processes,
-    private_port_range,
-    raw_address,
+    chat,
+    head_complete,
+    impostor,
+    raw_post,
     response_complete,
+    sse_lines,
 )
+from tests.support.ports import port_range
+from tests.support.processes import alive, eventually, model_processes
+from tests.support.status import load_model, model_status, wait_for_status
+from trioserve.config import Config
 from trioserve.daemon import DaemonInfo
 from trioserve.gateway.relay import Relay
+from trioserve.gateway.upstream import UpstreamResponse
 from trioserve.supervision.process import listens_on
 from trioserve.supervision.supervisor import Supervisor
-
-
-async def _status(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
-    info: dict[str, Any] = (await client.get("/admin/status")).json()["models"][model]
-    return info
 
 
 async def _no_model_process_left(info: DaemonInfo, *, within: float = 5.0) -> None:
@@ -69,10 +69,9 @@ async def test_child_sigkilled_while_serving_fails_in_flight_with_502_within_a_s
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
     cmd = spawns.cmd("m", "--tokens", "200", "--token-delay", "0.05")
-    config = config_for(state_dir, {"m": {"cmd": cmd}})
+    config = make_config(state_dir, {"m": {"cmd": cmd}})
     async with leak_checked_daemon(config) as (info, client):
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        pid = (await _status(client, "m"))["pid"]
+        pid = (await load_model(client, "m"))["pid"]
         done_at: dict[str, float] = {}
         plain: dict[str, httpx.Response] = {}
         last_event: dict[str, str] = {}
@@ -86,7 +85,7 @@ async def test_child_sigkilled_while_serving_fails_in_flight_with_502_within_a_s
             body = chat("m", stream=True)
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
-                async with aclosing(response.aiter_lines()) as lines:  # type: ignore[type-var]
+                async with aclosing(sse_lines(response)) as lines:
                     async for line in lines:
                         if line.startswith("data: "):
                             if key not in last_event:
@@ -111,13 +110,13 @@ async def test_child_sigkilled_while_serving_fails_in_flight_with_502_within_a_s
         for line in last_event.values():
             assert json.loads(line.removeprefix("data: "))["error"]["code"] == "upstream_error"
         assert not alive(pid)
-        model = await _status(client, "m")
+        model = await model_status(client, "m")
         assert model["state"] == "failed" and model["in_flight"] == 0
 
         # The next request starts it again: a new process, counted by the child itself.
         again = await client.post("/v1/chat/completions", json=chat("m", max_tokens=2))
         assert again.status_code == 200, again.text
-        model = await _status(client, "m")
+        model = await model_status(client, "m")
         assert model["state"] == "ready" and model["pid"] != pid
         assert spawns.count("m") == 2
         assert model_processes(info.instance) == {"m": [model["pid"]]}
@@ -132,7 +131,7 @@ async def test_child_exiting_nonzero_at_once_is_retried_a_bounded_number_of_time
     broken = tmp_path / "broken"
     broken.touch()
     cmd = spawns.cmd("m", fail_while=broken)
-    config = config_for(
+    config = make_config(
         state_dir,
         {"m": {"cmd": cmd}},
         supervisor={"max_start_failures": 3, "failure_cooldown": 3},
@@ -184,7 +183,7 @@ async def test_child_exiting_nonzero_at_once_is_retried_a_bounded_number_of_time
         # The fault fixed, an unload clears the failure: the next request starts it at once.
         broken.unlink()
         assert (await client.post("/admin/models/m/unload")).status_code == 200
-        assert (await _status(client, "m"))["state"] == "stopped"
+        assert (await model_status(client, "m"))["state"] == "stopped"
         ok = await client.post("/v1/chat/completions", json=chat("m"))
         assert ok.status_code == 200, ok.text
         assert spawns.count("m") == 5
@@ -208,7 +207,7 @@ NEVER_BINDS = "import time\nprint('loading forever', flush=True)\ntime.sleep(600
 async def test_child_that_never_becomes_healthy_fails_its_start_and_is_gone(
     state_dir: Path, cmd: list[str], reason: str, words: str
 ) -> None:
-    config = config_for(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 1})
+    config = make_config(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 1})
     async with leak_checked_daemon(config) as (info, client):
         with trio.fail_after(10):
             response = await client.post("/v1/chat/completions", json=chat("m"))
@@ -228,17 +227,17 @@ async def test_child_that_never_becomes_healthy_fails_its_start_and_is_gone(
 # -- deaf to SIGTERM -----------------------------------------------------------------------------
 
 
+def _deaf_to_sigterm(state_dir: Path, **server: Any) -> Config:
+    """A config whose model ``m`` ignores SIGTERM, with a ``stop_grace`` of 1 s."""
+    cmd = health_server_cmd("--ignore-sigterm")
+    return make_config(state_dir, {"m": {"cmd": cmd}}, server=server, supervisor={"stop_grace": 1})
+
+
 async def test_child_ignoring_sigterm_is_killed_after_stop_grace_on_unload(
     state_dir: Path,
 ) -> None:
-    config = config_for(
-        state_dir,
-        {"m": {"cmd": health_server_cmd("--ignore-sigterm")}},
-        supervisor={"stop_grace": 1},
-    )
-    async with leak_checked_daemon(config) as (info, client):
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        pid = (await _status(client, "m"))["pid"]
+    async with leak_checked_daemon(_deaf_to_sigterm(state_dir)) as (info, client):
+        pid = (await load_model(client, "m"))["pid"]
         start = trio.current_time()
         with trio.fail_after(10):
             response = await client.post("/admin/models/m/unload")
@@ -254,17 +253,10 @@ async def test_child_ignoring_sigterm_is_killed_after_stop_grace_on_unload(
 async def test_child_ignoring_sigterm_does_not_hold_up_shutdown_beyond_stop_grace(
     state_dir: Path,
 ) -> None:
-    config = config_for(
-        state_dir,
-        {"m": {"cmd": health_server_cmd("--ignore-sigterm")}},
-        supervisor={"stop_grace": 1},
-        server={"shutdown_grace": 0},
-    )
     check = LeakCheck()
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(_deaf_to_sigterm(state_dir, shutdown_grace=0)) as (info, client):
         check.instance = info.instance
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        pid = (await _status(client, "m"))["pid"]
+        pid = (await load_model(client, "m"))["pid"]
         stopping_at = trio.current_time()
     took = trio.current_time() - stopping_at
     assert 1.0 <= took < 5.0, took
@@ -291,11 +283,6 @@ os.execv(sys.executable, [sys.executable, "-m", "trioserve.backends.echo", "--po
 """
 
 
-def _launcher_cmd(pidfile: Path, mode: str) -> list[str]:
-    script = LAUNCHER.replace("{", "{{").replace("}", "}}")
-    return ["{python}", "-c", script, "{port}", str(pidfile), mode]
-
-
 async def _helper_pid(pidfile: Path) -> int:
     await eventually(pidfile.exists, within=10, what="the helper's pid file")
     return int(pidfile.read_text())
@@ -307,8 +294,10 @@ async def test_grandchildren_outliving_their_parent_are_killed(
 ) -> None:
     pidfile = tmp_path / "helper.pid"
     mode = "exit" if fault == "launcher-exits" else "serve"
-    config = config_for(
-        state_dir, {"m": {"cmd": _launcher_cmd(pidfile, mode)}}, supervisor={"stop_grace": 0.5}
+    config = make_config(
+        state_dir,
+        {"m": {"cmd": script_cmd(LAUNCHER, "{port}", str(pidfile), mode)}},
+        supervisor={"stop_grace": 0.5},
     )
     async with leak_checked_daemon(config) as (info, client):
         if fault == "launcher-exits":
@@ -317,9 +306,9 @@ async def test_grandchildren_outliving_their_parent_are_killed(
             assert "exited with code 0" in error["message"]
             helper = await _helper_pid(pidfile)
         else:
-            assert (await client.post("/admin/models/m/load")).status_code == 200
+            await load_model(client, "m")
             helper = await _helper_pid(pidfile)
-            leader = (await _status(client, "m"))["pid"]
+            leader = (await model_status(client, "m"))["pid"]
             assert alive(helper) and os.getpgid(helper) == leader
             if fault == "crash":
                 os.kill(leader, signal.SIGKILL)
@@ -341,7 +330,7 @@ async def test_unload_while_starting_stops_it_and_nothing_respawns(
     state_dir: Path, spawns: SpawnCounter, force: bool
 ) -> None:
     cmd = spawns.cmd("m", "--startup-delay", "600")
-    config = config_for(state_dir, {"m": {"cmd": cmd}}, server={"loading_progress": False})
+    config = make_config(state_dir, {"m": {"cmd": cmd}}, server={"loading_progress": False})
     async with leak_checked_daemon(config) as (info, client):
         answers: list[httpx.Response] = []
 
@@ -353,7 +342,7 @@ async def test_unload_while_starting_stops_it_and_nothing_respawns(
                 nursery.start_soon(waiter)
             await wait_for_status(client, "m", "state", "starting")
             await eventually(lambda: spawns.count("m") == 1, within=10, what="the spawn")
-            pid = (await _status(client, "m"))["pid"]
+            pid = (await model_status(client, "m"))["pid"]
             assert pid is not None and alive(pid)
             with trio.fail_after(10):
                 unloaded = await client.post(
@@ -366,7 +355,7 @@ async def test_unload_while_starting_stops_it_and_nothing_respawns(
             error = assert_openai_error(response, 502, "upstream_error")
             assert "stopped while starting" in error["message"], error
         # Stopped, and stays stopped: the waiters' errors did not start it again.
-        model = await _status(client, "m")
+        model = await model_status(client, "m")
         assert model["state"] == "stopped" and model["pid"] is None
         assert spawns.count("m") == 1
         assert not alive(pid)
@@ -393,7 +382,7 @@ async def test_unload_landing_while_a_start_is_being_confirmed_stops_it(
         return answer
 
     monkeypatch.setattr(trioserve.supervision.supervisor, "listens_on", held_listens_on)
-    config = config_for(state_dir, server={"loading_progress": False})
+    config = make_config(state_dir, server={"loading_progress": False})
     async with leak_checked_daemon(config) as (info, client):
         answers: dict[str, httpx.Response] = {}
 
@@ -426,7 +415,7 @@ async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
     state_dir: Path, spawns: SpawnCounter
 ) -> None:
     cmd = spawns.cmd("m", "--startup-delay", "600")
-    config = config_for(
+    config = make_config(
         state_dir,
         {"m": {"cmd": cmd}},
         server={"shutdown_grace": 0.5, "loading_progress": False},
@@ -451,7 +440,7 @@ async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
                 nursery.start_soon(waiter)
             await wait_for_status(client, "m", "state", "starting")
             await eventually(lambda: spawns.count("m") == 1, within=10, what="the spawn")
-            pid = (await _status(client, "m"))["pid"]
+            pid = (await model_status(client, "m"))["pid"]
             stopping_at = trio.current_time()
         took = trio.current_time() - stopping_at
     # shutdown_grace for the requests, then the child's stop: SIGTERM, it leaves at once.
@@ -468,8 +457,8 @@ async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
 # A port the last child left in TIME_WAIT (it closed its keep-alive connections as it stopped)
 # once counted as taken for a minute; under churn the whole port_range went.
 async def test_a_model_restarted_right_after_serving_gets_a_port(state_dir: Path) -> None:
-    port = private_port_range()[0]
-    config = config_for(state_dir, supervisor={"port_range": [port, port]})
+    port = port_range(1)[0]
+    config = make_config(state_dir, supervisor={"port_range": [port, port]})
     async with leak_checked_daemon(config) as (_, client):
         for _ in range(3):
             # It serves (the relay keeps its connection), it stops (and closes that
@@ -492,11 +481,10 @@ def _crash_as_the_head_is_queued(
     make_headers = Relay._headers
     crashed = False
 
-    def headers_then_crash(self: Relay, response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    def headers_then_crash(self: Relay, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         nonlocal crashed
         headers = make_headers(self, response)
-        kind = response.headers.get("content-type", "")
-        if not crashed and kind.startswith("text/event-stream") is streaming:
+        if not crashed and response.is_event_stream is streaming:
             crashed = True
             os.kill(pid, signal.SIGKILL)
             for model in supervisor.models.values():
@@ -505,6 +493,22 @@ def _crash_as_the_head_is_queued(
         return headers
 
     monkeypatch.setattr(Relay, "_headers", headers_then_crash)
+
+
+async def _big_answer_left_unread(url: str) -> RawConnection:
+    """A client asking model ``m`` for its ~10 MB answer (10,000 tokens of 1,000 characters,
+    far more than the socket buffers hold) that reads the head and then stops reading: the
+    relay is still sending when this returns."""
+    connection = await RawConnection.open(url, receive_buffer=4096)
+    await connection.send(raw_post(chat("m", text="x" * 1000)))
+    head = await connection.read(head_complete, within=20)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return connection
+
+
+def _assert_nothing_logged_as_error(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert not errors, errors
 
 
 @pytest.mark.parametrize(
@@ -516,32 +520,16 @@ async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # 10,000 tokens of 1,000 characters: ~10 MB, far more than the socket buffers hold, so
-    # the relay is still sending while a client that does not read waits.
-    config = config_for(state_dir, {"m": {"cmd": echo_cmd("--tokens", "10000")}})
+    # The crash hook sits where a relayed (not assembled) answer's head is made.
+    assembled = fault != "crash-after-head"
+    config = echo_config(state_dir, "--tokens", "10000", name="m", stream_upstream=assembled)
     async with leak_checked_daemon(config) as (info, client):
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        pid = (await _status(client, "m"))["pid"]
+        pid = (await load_model(client, "m"))["pid"]
         if fault == "crash-after-head":
             _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=False)
-        body = json.dumps(chat("m", text="x" * 1000)).encode()
-        sock = trio.socket.socket()
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await sock.connect(raw_address(info.url))
-        async with trio.SocketStream(sock) as stream:
-            await stream.send_all(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            received = bytearray()
-            with trio.fail_after(20):
-                while b"\r\n\r\n" not in received:
-                    received += await stream.receive_some(4096)
+        async with await _big_answer_left_unread(info.url) as connection:
             # The head is out: the whole answer was read from the model, and the relay is
             # sending its body, which this client does not read for now.
-            assert received.startswith(b"HTTP/1.1 200"), bytes(received[:200])
             if fault == "crash-while-client-reads":
                 os.kill(pid, signal.SIGKILL)
             elif fault == "force-unload-while-client-reads":
@@ -549,16 +537,10 @@ async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it
                 assert response.status_code == 200
             await wait_for_status(client, "m", "pid", None)
             # Now read it all (up to its Content-Length, or until the server closes).
-            with trio.fail_after(20):
-                while not response_complete(received):
-                    chunk = await stream.receive_some(1 << 20)
-                    if not chunk:
-                        break
-                    received += chunk
-        head, _, payload = bytes(received).partition(b"\r\n\r\n")
+            received = await connection.read(response_complete, within=20)
+        head, _, payload = received.partition(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert not errors, errors
+        _assert_nothing_logged_as_error(caplog)
         # The answer was complete before the model went away: the client gets all of it.
         assert len(payload) == length, (len(payload), length)
         answer = json.loads(payload)
@@ -571,48 +553,33 @@ async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it
 async def test_request_timeout_while_a_slow_client_reads_a_complete_answer_breaks_nothing(
     state_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = config_for(
-        state_dir, {"m": {"cmd": echo_cmd("--tokens", "10000")}}, server={"request_timeout": 1}
+    # Relayed whole, not assembled: the answer must be complete within the 1 s deadline.
+    config = echo_config(
+        state_dir,
+        "--tokens",
+        "10000",
+        name="m",
+        server={"request_timeout": 1},
+        stream_upstream=False,
     )
     async with leak_checked_daemon(config) as (info, client):
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        body = json.dumps(chat("m", text="x" * 1000)).encode()
-        sock = trio.socket.socket()
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await sock.connect(raw_address(info.url))
-        async with trio.SocketStream(sock) as stream:
-            await stream.send_all(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            received = bytearray()
-            with trio.fail_after(20):
-                while b"\r\n\r\n" not in received:
-                    received += await stream.receive_some(4096)
+        await load_model(client, "m")
+        async with await _big_answer_left_unread(info.url) as connection:
             # A slow client: request_timeout passes while the ~10 MB body is being sent.
             await trio.sleep(2)
-            with trio.fail_after(20):
-                while not response_complete(received):
-                    chunk = await stream.receive_some(1 << 20)
-                    if not chunk:
-                        break
-                    received += chunk
-        head, _, payload = bytes(received).partition(b"\r\n\r\n")
+            received = await connection.read(response_complete, within=20)
+        head, _, payload = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert len(json.loads(payload)["choices"][0]["message"]["content"]) > 10_000_000
-        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert not errors, errors
+        _assert_nothing_logged_as_error(caplog)
 
 
 async def test_model_gone_just_as_a_stream_starts_gets_a_clean_answer_and_the_daemon_stays_up(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = config_for(state_dir, {"m": {"cmd": echo_cmd("--tokens", "50")}})
+    config = echo_config(state_dir, "--tokens", "50", name="m")
     async with leak_checked_daemon(config) as (info, client):
-        assert (await client.post("/admin/models/m/load")).status_code == 200
-        pid = (await _status(client, "m"))["pid"]
+        pid = (await load_model(client, "m"))["pid"]
         _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=True)
         try:
             response = await client.post("/v1/chat/completions", json=chat("m", stream=True))
@@ -628,8 +595,7 @@ async def test_model_gone_just_as_a_stream_starts_gets_a_clean_answer_and_the_da
                 assert json.loads(last)["error"]["code"] == "upstream_error", events
         else:
             assert_openai_error(response, 502, "upstream_error")
-        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert not errors, errors
+        _assert_nothing_logged_as_error(caplog)
         assert (await client.get("/health")).status_code == 200
         # And, once the daemon has seen the exit, the model starts again for the next request.
         await wait_for_status(client, "m", "state", "failed")
@@ -651,24 +617,6 @@ time.sleep(600)
 """
 
 
-async def _impostor(stream: trio.SocketStream) -> None:
-    """Another program's HTTP server: 200 to anything."""
-    async with stream:
-        with trio.move_on_after(5):
-            request = b""
-            while b"\r\n\r\n" not in request:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                request += data
-            body = b'{"impostor": true}'
-            await stream.send_all(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-
-
 # Between the allocator's bind test and the child's own bind, anything can take the port: a
 # second daemon with an overlapping port_range, another test run. A 200 from it must not make
 # the model ready.
@@ -676,9 +624,8 @@ async def test_a_foreign_program_on_the_models_port_is_not_taken_for_the_model(
     state_dir: Path, tmp_path: Path
 ) -> None:
     portfile = tmp_path / "port"
-    script = LOADS_BEFORE_BINDING.replace("{", "{{").replace("}", "}}")
-    cmd = ["{python}", "-c", script, "{port}", str(portfile)]
-    config = config_for(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 2})
+    cmd = script_cmd(LOADS_BEFORE_BINDING, "{port}", str(portfile))
+    config = make_config(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 2})
     async with leak_checked_daemon(config) as (_, client), trio.open_nursery() as nursery:
         answer: list[httpx.Response] = []
 
@@ -690,7 +637,7 @@ async def test_a_foreign_program_on_the_models_port_is_not_taken_for_the_model(
         # While the model loads, another program binds the port the daemon gave it.
         port = int(portfile.read_text())
         listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, _impostor, port, host="127.0.0.1")
+            functools.partial(trio.serve_tcp, impostor, port, host="127.0.0.1")
         )
         await eventually(lambda: bool(answer), within=10, what="an answer to the request")
         nursery.cancel_scope.cancel()

@@ -22,17 +22,11 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import echo_cmd, running_daemon
-from tests.gateway_helpers import chat, wait_for_status
-from tests.test_faults_support import (
-    CLEAN_ERROR_CODES,
-    Resources,
-    assert_clean_answer,
-    config_for,
-    model_groups,
-    model_processes,
-    wait_for_baseline,
-)
+from tests.support.config import echo_cmd, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import CLEAN_ERROR_CODES, assert_clean_answer, chat
+from tests.support.processes import Resources, model_groups, model_processes, wait_for_baseline
+from tests.support.status import wait_for_status
 
 MODELS = ("a", "b")
 CLIENTS = 25
@@ -100,7 +94,7 @@ async def test_requests_racing_unload_ttl_and_eviction_all_get_clean_answers(
         "max_concurrency": 8,
         "max_queue": 64,
     }
-    config = config_for(
+    config = make_config(
         state_dir,
         dict.fromkeys(MODELS, model),
         server={"first_byte_timeout": 15, "request_timeout": 20},

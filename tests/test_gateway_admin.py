@@ -8,12 +8,14 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import chat, read_sse
+from tests.support.config import echo_config, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import chat, read_sse, sse_lines
+from tests.support.status import load_model, wait_for_status
 
 
 async def test_models_list_has_state_and_aliases(state_dir: Path) -> None:
-    config = make_config(state_dir, {"echo": {"cmd": echo_cmd(), "aliases": ["parrot"]}})
+    config = echo_config(state_dir, aliases=["parrot"])
     async with running_daemon(config) as (_, client):
         listing = (await client.get("/v1/models")).json()
         assert listing["object"] == "list"
@@ -21,14 +23,14 @@ async def test_models_list_has_state_and_aliases(state_dir: Path) -> None:
             "echo": "stopped",
             "parrot": "stopped",
         }
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         listing = (await client.get("/v1/models")).json()
         assert {m["state"] for m in listing["data"]} == {"ready"}
 
 
 async def test_admin_status_has_every_contract_field(state_dir: Path) -> None:
     async with running_daemon(make_config(state_dir)) as (info, client):
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         status = (await client.get("/admin/status")).json()
         assert set(status) >= {"pid", "version", "instance", "started_at", "uptime_s", "models"}
         assert status["instance"] == info.instance
@@ -48,13 +50,13 @@ async def test_admin_status_has_every_contract_field(state_dir: Path) -> None:
 
 
 async def test_load_and_unload_and_force(state_dir: Path) -> None:
-    config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--response-delay", "30")}})
+    config = echo_config(state_dir, "--response-delay", "30")
     async with running_daemon(config) as (_, client):
         loaded = await client.post("/admin/models/echo/load")
         assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
         unloaded = await client.post("/admin/models/echo/unload")
         assert unloaded.json()["state"] == "stopped"
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         results = []
 
         async def call() -> None:
@@ -62,11 +64,7 @@ async def test_load_and_unload_and_force(state_dir: Path) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call)
-            with trio.fail_after(5):
-                while (await client.get("/admin/status")).json()["models"]["echo"][
-                    "in_flight"
-                ] == 0:
-                    await trio.sleep(0.01)
+            await wait_for_status(client, "echo", "in_flight", 1)
             # The request would take 30 s; force does not wait for it.
             with trio.fail_after(5):
                 forced = await client.post("/admin/models/echo/unload?force=true")
@@ -103,7 +101,7 @@ async def test_events_stream_lifecycle_transitions(state_dir: Path) -> None:
             async def listen() -> None:
                 async with (
                     client.stream("GET", "/admin/events") as response,
-                    aclosing(response.aiter_lines()) as lines,  # type: ignore[type-var]
+                    aclosing(sse_lines(response)) as lines,
                 ):
                     async for line in lines:
                         subscribed.set()
@@ -146,7 +144,7 @@ async def test_metrics_are_prometheus_text_with_trioserve_names(state_dir: Path)
 async def test_streaming_client_sees_loading_progress_while_its_model_starts(
     state_dir: Path,
 ) -> None:
-    config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--startup-delay", "2.5")}})
+    config = echo_config(state_dir, "--startup-delay", "2.5")
     async with running_daemon(config) as (_, client):
         async with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as resp:
             assert resp.status_code == 200
@@ -160,11 +158,7 @@ async def test_streaming_client_sees_loading_progress_while_its_model_starts(
 
 
 async def test_loading_progress_can_be_turned_off(state_dir: Path) -> None:
-    config = make_config(
-        state_dir,
-        {"echo": {"cmd": echo_cmd("--startup-delay", "1.5")}},
-        server={"loading_progress": False},
-    )
+    config = echo_config(state_dir, "--startup-delay", "1.5", server={"loading_progress": False})
     async with running_daemon(config) as (_, client):
         response = await client.post("/v1/chat/completions", json=chat(stream=True))
         assert response.status_code == 200

@@ -6,23 +6,16 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import chat, wait_for_status
+from tests.support.config import echo_config
+from tests.support.daemon import running_daemon
+from tests.support.http import assert_openai_error, chat
+from tests.support.status import load_model, wait_for_status
 
 
 async def test_full_queue_gives_429_with_retry_after(state_dir: Path) -> None:
-    config = make_config(
-        state_dir,
-        {
-            "echo": {
-                "cmd": echo_cmd("--response-delay", "1"),
-                "max_concurrency": 1,
-                "max_queue": 2,
-            }
-        },
-    )
+    config = echo_config(state_dir, "--response-delay", "1", max_concurrency=1, max_queue=2)
     async with running_daemon(config) as (_, client):
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         statuses: list[int] = []
 
         async def call() -> None:
@@ -33,25 +26,15 @@ async def test_full_queue_gives_429_with_retry_after(state_dir: Path) -> None:
                 nursery.start_soon(call)
             await wait_for_status(client, "echo", "queued", 2)
             refused = await client.post("/v1/chat/completions", json=chat())
-            assert refused.status_code == 429
-            assert refused.json()["error"]["code"] == "queue_full"
+            assert_openai_error(refused, 429, "queue_full")
             assert int(refused.headers["retry-after"]) >= 1
         assert statuses == [200, 200, 200]
 
 
 async def test_queued_requests_proceed_in_arrival_order(state_dir: Path) -> None:
-    config = make_config(
-        state_dir,
-        {
-            "echo": {
-                "cmd": echo_cmd("--response-delay", "0.2"),
-                "max_concurrency": 1,
-                "max_queue": 10,
-            }
-        },
-    )
+    config = echo_config(state_dir, "--response-delay", "0.2", max_concurrency=1, max_queue=10)
     async with running_daemon(config) as (_, client):
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         finished: list[int] = []
 
         async def call(i: int) -> None:

@@ -4,14 +4,17 @@ never delayed by open streams."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from tests.conftest import PYTHON, echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import chat
+from tests.support.config import echo_config
+from tests.support.daemon import running_daemon
+from tests.support.http import chat
+from tests.support.status import load_model
 
 PROBE = Path(__file__).resolve().parent.parent / "bench" / "_client.py"
 
@@ -20,12 +23,9 @@ async def test_ten_slow_users_are_served_in_parallel_not_one_after_another(
     state_dir: Path,
 ) -> None:
     # The seed's experiment scaled down: 10 users, each call takes 1 s at the backend.
-    config = make_config(
-        state_dir,
-        {"slow": {"cmd": echo_cmd("--response-delay", "1"), "max_concurrency": 10}},
-    )
+    config = echo_config(state_dir, "--response-delay", "1", name="slow", max_concurrency=10)
     async with running_daemon(config) as (_, client):
-        await client.post("/admin/models/slow/load")
+        await load_model(client, "slow")
         durations: list[float] = []
         statuses: list[int] = []
 
@@ -45,17 +45,9 @@ async def test_ten_slow_users_are_served_in_parallel_not_one_after_another(
 
 @pytest.mark.slow
 async def test_health_stays_fast_while_a_hundred_slow_streams_are_open(state_dir: Path) -> None:
-    config = make_config(
-        state_dir,
-        {
-            "echo": {
-                "cmd": echo_cmd("--tokens", "12", "--token-delay", "0.5"),
-                "max_concurrency": 200,
-            }
-        },
-    )
+    config = echo_config(state_dir, "--tokens", "12", "--token-delay", "0.5", max_concurrency=200)
     async with running_daemon(config) as (info, client):
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         opened = 0
         all_open = trio.Event()
         limits = httpx.Limits(max_connections=200)
@@ -80,7 +72,7 @@ async def test_health_stays_fast_while_a_hundred_slow_streams_are_open(state_dir
                 # The probe runs in its own process, like a real liveness probe: timing it
                 # from this (busy) event loop would measure our own client's lag.
                 probe = await trio.run_process(
-                    [PYTHON, str(PROBE), "--probe", info.url + "/health", "--seconds", "3"],
+                    [sys.executable, str(PROBE), "--probe", info.url + "/health", "--seconds", "3"],
                     capture_stdout=True,
                 )
                 nursery.cancel_scope.cancel()

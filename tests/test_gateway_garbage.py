@@ -5,8 +5,6 @@ the /health thread, for tens of milliseconds with 1,000 streams open (bench/load
 from __future__ import annotations
 
 import gc
-import json
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,27 +13,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from tests.conftest import echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import chat
-
-
-def _exchange(url: str, body: dict[str, Any]) -> bytes:
-    """One request on its own connection, in a plain thread: the client makes no garbage in
-    this process's collector either."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\n"
-            + f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
-    return answer
+from tests.support.config import echo_cmd, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import blocking_exchange, chat, raw_post
 
 
 @contextmanager
@@ -67,12 +49,15 @@ async def test_a_finished_request_leaves_no_garbage_for_the_collector(
     config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--tokens", "5")}})
     async with running_daemon(config) as (info, client):
         await client.post("/admin/models/echo/load")
+        request = raw_post(body, b"Connection: close")
         for _ in range(5):  # warm up: pools, caches, lazily made objects
-            await trio.to_thread.run_sync(_exchange, info.url, body)
+            await trio.to_thread.run_sync(blocking_exchange, info.url, request)
         with _garbage_collected() as garbage:
             for _ in range(20):
-                answer = await trio.to_thread.run_sync(_exchange, info.url, body)
+                # From a plain thread: a trio client would make garbage of its own here.
+                answer = await trio.to_thread.run_sync(blocking_exchange, info.url, request)
                 assert answer.startswith(b"HTTP/1.1 "), answer[:100]
-            # The daemon's side of each connection ends just after the client's.
-            await trio.sleep(0.2)
+            # The client read each answer to its end, so the daemon has closed each connection;
+            # what is left of its tasks (the relay's, Hypercorn's) ends without waiting.
+            await trio.testing.wait_all_tasks_blocked()
         assert not garbage, f"{name}: {garbage.most_common(10)}"

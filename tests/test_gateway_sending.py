@@ -12,50 +12,19 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import echo_cmd, make_config, running_daemon
-from tests.gateway_helpers import (
-    backend_port,
-    chat,
-    model_server_cmd,
-    wait_for_stats,
-    wait_for_status,
-)
+from tests.support.config import echo_cmd, make_config, model_server_cmd
+from tests.support.daemon import running_daemon
+from tests.support.http import RawConnection, chat, raw_post, response_complete
+from tests.support.status import backend_port, wait_for_stats, wait_for_status
 from trioserve.backends.echo import reply_tokens
 from trioserve.gateway.downstream import Downstream
-from trioserve.server import hypercorn_serve as http_server
+from trioserve.server import hypercorn_serve
 
 WORDS = " ".join(f"w{i}" for i in range(50))
 
 
-def _stream_request(url: str, body: dict[str, Any], receive_buffer: int) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    # A small receive window, so the daemon's sends soon find the socket full.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.connect((host, int(port)))
-    data = json.dumps(body).encode()
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    sock.setblocking(False)
-    return sock
-
-
-async def _read_to_end(sock: socket.socket, within: float) -> bytes:
-    received = bytearray()
-    with trio.fail_after(within):
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = sock.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            received += data
-    return bytes(received)
+# A small receive window, so the daemon's sends soon find the socket full.
+RECEIVE_BUFFER = 4096
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -78,11 +47,11 @@ async def test_a_client_slower_than_its_stream_gets_every_token_in_order(
     )
     async with running_daemon(config) as (info, client):
         await client.post("/admin/models/echo/load")
-        sock = _stream_request(info.url, chat(stream=True, text=WORDS), 4096)
-        with sock:
+        async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
+            await conn.send(raw_post(chat(stream=True, text=WORDS)))
             # The daemon fills the socket and must wait for us (partial writes).
             await trio.sleep(0.5)
-            raw = await _read_to_end(sock, within=60)
+            raw = await conn.read(within=60)
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         events = [e for e in _dechunk(body).split(b"\n\n") if e.startswith(b"data: {")]
@@ -94,15 +63,15 @@ async def test_a_client_slower_than_its_stream_gets_every_token_in_order(
 async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_aborted(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http_server, "SEND_LIMIT", 1.0)
+    monkeypatch.setattr(hypercorn_serve, "SEND_LIMIT", 1.0)
     config = make_config(
         state_dir, {"echo": {"cmd": echo_cmd("--tokens", "1000000", "--token-delay", "0")}}
     )
     async with running_daemon(config) as (info, client):
         await client.post("/admin/models/echo/load")
         port = await backend_port(client, "echo")
-        sock = _stream_request(info.url, chat(stream=True), 4096)
-        with sock:
+        async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
+            await conn.send(raw_post(chat(stream=True)))
             await wait_for_stats(port, "started", 1)
             started = trio.current_time()
             # Never read: once the socket is full, SEND_LIMIT later the daemon gives up.
@@ -111,8 +80,8 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_aborted(
             assert stats["completed"] == 0
             await wait_for_status(client, "echo", "in_flight", 0)
             # The daemon closed its side: what is buffered ends, it does not go on forever.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            await _read_to_end(sock, within=10)
+            conn.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            await conn.read(within=10)
         assert (await client.get("/health")).status_code == 200
 
 
@@ -121,26 +90,21 @@ async def test_a_slow_but_steady_reader_of_a_large_answer_is_never_cut_off(
 ) -> None:
     # The limit is on progress, not on the whole send: this answer takes ~3 s to read, three
     # times SEND_LIMIT, and the client never stops for long.
-    monkeypatch.setattr(http_server, "SEND_LIMIT", 1.0)
+    monkeypatch.setattr(hypercorn_serve, "SEND_LIMIT", 1.0)
     tokens = 200_000
     config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--tokens", str(tokens))}})
     async with running_daemon(config) as (info, client):
         await client.post("/admin/models/echo/load")
-        sock = _stream_request(info.url, chat(text="a"), 4096)
         received = bytearray()
-        with sock, trio.fail_after(60):
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                data = sock.recv(16384)
-                if not data:
-                    break
-                received += data
-                head, _, body = bytes(received).partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                if len(body) >= length:
-                    break
-                await trio.sleep(0.05)  # ~300 KB/s
-        answer = json.loads(body)
+        async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
+            await conn.send(raw_post(chat(text="a")))
+            with trio.fail_after(60):
+                while not response_complete(received):
+                    data = await conn.stream.receive_some(16384)
+                    assert data, f"closed before the whole answer: {bytes(received[:300])!r}"
+                    received += data
+                    await trio.sleep(0.05)  # ~300 KB/s
+        answer = json.loads(bytes(received).partition(b"\r\n\r\n")[2])
         assert answer["choices"][0]["message"]["content"] == "".join(reply_tokens("a", tokens))
 
 

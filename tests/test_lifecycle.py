@@ -1,4 +1,5 @@
-"""The model lifecycle: a pure state machine whose rules are one table of data."""
+"""The model lifecycle: a pure state machine whose rules are one table of data, and the rules
+about failures (their count, its reset, the cooldown)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_transitions_are_data_matching_the_contract() -> None:
 @pytest.mark.parametrize(("current", "target"), sorted(ALLOWED))
 def test_allowed_transition_moves_and_returns_its_event(current: State, target: State) -> None:
     lifecycle = Lifecycle("m", state=current)
-    event = lifecycle.move(target, at=123.5, reason="because")
+    event = lifecycle.move(target, at=123.5, now=7.0, reason="because")
     assert lifecycle.state is target
     assert event == Transition("m", current, target, 123.5, "because")
     assert event.as_dict() == {
@@ -60,35 +61,109 @@ def test_allowed_transition_moves_and_returns_its_event(current: State, target: 
 def test_refused_transition_raises_and_changes_nothing(current: State, target: State) -> None:
     lifecycle = Lifecycle("m", state=current)
     with pytest.raises(InvalidTransition) as caught:
-        lifecycle.move(target, at=1.0, reason="nope")
+        lifecycle.move(target, at=1.0, now=1.0, reason="nope")
     assert lifecycle.state is current
     assert lifecycle.history == []
     assert "'m'" in str(caught.value)
     assert (caught.value.current, caught.value.target) == (current, target)
 
 
+def go(lifecycle: Lifecycle, *path: State, now: float = 0.0, reason: str = "step") -> None:
+    for target in path:
+        lifecycle.move(target, at=1e9 + now, now=now, reason=reason)
+
+
+def failed_times(n: int, *, now: float = 0.0) -> Lifecycle:
+    """A lifecycle whose last ``n`` starts failed, the last one at ``now``."""
+    lifecycle = Lifecycle("m")
+    for _ in range(n):
+        go(lifecycle, S.STARTING, S.FAILED, now=now)
+    return lifecycle
+
+
 def test_failures_count_until_a_start_succeeds() -> None:
     lifecycle = Lifecycle("m")
     for n in range(1, 4):
-        lifecycle.move(S.STARTING, at=n, reason="requested")
-        lifecycle.move(S.FAILED, at=n, reason=f"crash {n}")
+        go(lifecycle, S.STARTING, now=n)
+        go(lifecycle, S.FAILED, now=n, reason=f"crash {n}")
         assert lifecycle.consecutive_failures == n
         assert lifecycle.last_error == f"crash {n}"
         assert lifecycle.exhausted(3) is (n >= 3)
-    lifecycle.move(S.STARTING, at=5, reason="cooldown over")
+    go(lifecycle, S.STARTING, now=5)
     assert not lifecycle.exhausted(3), "a model that is starting is not failed"
-    lifecycle.move(S.READY, at=6, reason="healthy")
+    go(lifecycle, S.READY, now=6)
     assert lifecycle.consecutive_failures == 0
     assert lifecycle.last_error is None
+    assert lifecycle.failed_at is None
     # Every start after the first one is a restart.
     assert lifecycle.restarts == 3
+
+
+def test_a_crash_while_ready_counts_as_a_failure() -> None:
+    lifecycle = Lifecycle("m")
+    go(lifecycle, S.STARTING, S.READY, S.FAILED, now=4.0, reason="exited")
+    assert lifecycle.consecutive_failures == 1
+    assert lifecycle.failed_at == 4.0
+    assert lifecycle.exhausted(1)
+
+
+def test_a_stop_on_purpose_is_not_a_failure() -> None:
+    lifecycle = failed_times(2)
+    go(lifecycle, S.STARTING, S.STOPPING, S.STOPPED)
+    assert lifecycle.consecutive_failures == 2, "neither a failure nor a success"
+    go(lifecycle, S.STARTING, S.READY, S.STOPPING, S.STOPPED)
+    assert lifecycle.consecutive_failures == 0
+
+
+def test_the_cooldown_starts_when_the_model_became_failed() -> None:
+    lifecycle = failed_times(3, now=100.0)
+    assert lifecycle.failed_at == 100.0
+    left = lifecycle.cooldown_left
+    assert left(100.0, max_start_failures=3, cooldown=30) == 30
+    assert left(129.5, max_start_failures=3, cooldown=30) == 0.5
+    assert left(130.0, max_start_failures=3, cooldown=30) == 0.0
+    assert left(1000.0, max_start_failures=3, cooldown=30) == 0.0
+
+
+def test_no_cooldown_before_max_start_failures() -> None:
+    lifecycle = failed_times(2, now=100.0)
+    assert not lifecycle.exhausted(3)
+    assert lifecycle.cooldown_left(100.0, max_start_failures=3, cooldown=30) == 0.0
+    go(lifecycle, S.STARTING, S.FAILED, now=110.0)
+    assert lifecycle.cooldown_left(110.0, max_start_failures=3, cooldown=30) == 30
+
+
+def test_each_failure_restarts_the_cooldown() -> None:
+    # After the cooldown one more start is allowed; its failure starts a new cooldown.
+    lifecycle = failed_times(3, now=100.0)
+    go(lifecycle, S.STARTING, S.FAILED, now=130.0)
+    assert lifecycle.consecutive_failures == 4
+    assert lifecycle.cooldown_left(131.0, max_start_failures=3, cooldown=30) == 29
+
+
+def test_unloading_a_failed_model_clears_its_failures_and_cooldown() -> None:
+    lifecycle = failed_times(3, now=100.0)
+    go(lifecycle, S.STOPPED, now=101.0, reason="unloaded")
+    assert lifecycle.consecutive_failures == 0
+    assert lifecycle.failed_at is None
+    assert lifecycle.cooldown_left(101.0, max_start_failures=3, cooldown=30) == 0.0
+    assert lifecycle.last_error == "step", "the last error stays visible"
+    go(lifecycle, S.STARTING, S.FAILED, now=102.0)
+    assert lifecycle.consecutive_failures == 1, "the count starts again"
+
+
+def test_a_start_keeps_the_failure_count_but_ends_the_cooldown() -> None:
+    lifecycle = failed_times(3, now=100.0)
+    go(lifecycle, S.STARTING, now=130.0)
+    assert lifecycle.consecutive_failures == 3
+    assert lifecycle.cooldown_left(130.0, max_start_failures=3, cooldown=30) == 0.0
 
 
 def test_full_cycle_produces_one_event_per_transition() -> None:
     lifecycle = Lifecycle("m")
     path = [S.STARTING, S.READY, S.STOPPING, S.STOPPED]
     for at, target in enumerate(path):
-        lifecycle.move(target, at=at, reason="step")
+        lifecycle.move(target, at=at, now=at, reason="step")
     assert [(e.from_state, e.to_state) for e in lifecycle.history] == list(
         zip([S.STOPPED, *path], path, strict=False)
     )
@@ -97,8 +172,7 @@ def test_full_cycle_produces_one_event_per_transition() -> None:
 def test_history_is_bounded() -> None:
     lifecycle = Lifecycle("m")
     for at in range(500):
-        lifecycle.move(S.STARTING, at=at, reason="requested")
-        lifecycle.move(S.FAILED, at=at, reason="crash")
+        go(lifecycle, S.STARTING, S.FAILED, now=at)
     assert len(lifecycle.history) <= 64
 
 

@@ -3,20 +3,30 @@ while the loop is blocked; every other request still reaches Hypercorn intact.""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+from typer.testing import CliRunner
 
-from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.support.config import daemon_config, echo_cmd, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import blocking_exchange, raw_address
 from trioserve import daemon
+from trioserve.config import Config
 from trioserve.server import listener
 from trioserve.server.listener import Verdict, classify
+from trioserve.supervision.supervisor import Supervisor
+from trioserve_cli import daemon_cmds
+from trioserve_cli.main import app
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -40,20 +50,15 @@ def test_first_bytes_are_classified(first_bytes: bytes, verdict: Verdict) -> Non
     assert classify(first_bytes) is verdict
 
 
-def _raw(url: str, request: bytes) -> tuple[bytes, float]:
-    """Send one raw request on a fresh connection; (whole answer, seconds it took)."""
-    host, port = url.removeprefix("http://").split(":")
+def _timed(url: str, request: bytes) -> tuple[bytes, float]:
+    """``blocking_exchange`` (from a thread: the loop may be blocked); (answer, seconds)."""
     started = time.monotonic()
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(request)
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
+    answer = blocking_exchange(url, request)
     return answer, time.monotonic() - started
 
 
 def _in_thread(url: str, request: bytes, results: list[tuple[bytes, float]]) -> threading.Thread:
-    thread = threading.Thread(target=lambda: results.append(_raw(url, request)))
+    thread = threading.Thread(target=lambda: results.append(_timed(url, request)))
     thread.start()
     return thread
 
@@ -99,7 +104,7 @@ async def test_health_says_stalled_when_the_loop_has_not_run(
 
         def late_probe() -> None:
             time.sleep(0.8)  # the loop has been stuck longer than LOOP_STALL_AFTER by then
-            results.append(_raw(info.url, HEALTH))
+            results.append(_timed(info.url, HEALTH))
 
         probe = threading.Thread(target=late_probe)
         probe.start()
@@ -115,8 +120,8 @@ async def test_health_says_stalled_when_the_loop_has_not_run(
 
 async def test_head_health_has_no_body(state_dir: Path) -> None:
     async with running_daemon(_config(state_dir)) as (info, _client):
-        answer, _ = await trio.to_thread.run_sync(
-            _raw, info.url, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = await trio.to_thread.run_sync(
+            blocking_exchange, info.url, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"
         )
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert answer.endswith(b"\r\n\r\n")
@@ -125,18 +130,10 @@ async def test_head_health_has_no_body(state_dir: Path) -> None:
 
 async def test_a_client_slow_to_send_its_request_is_still_served(state_dir: Path) -> None:
     async with running_daemon(_config(state_dir)) as (info, _client):
-
-        def slow_client() -> bytes:
-            host, port = info.url.removeprefix("http://").split(":")
-            with socket.create_connection((host, int(port)), timeout=10) as conn:
-                time.sleep(listener.PEEK_WAIT + 0.3)
-                conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                answer = b""
-                while chunk := conn.recv(65536):
-                    answer += chunk
-                return answer
-
-        answer = await trio.to_thread.run_sync(slow_client)
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = await trio.to_thread.run_sync(
+            partial(blocking_exchange, info.url, request, send_after=listener.PEEK_WAIT + 0.3)
+        )
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert answer.endswith(b'{"status":"ok"}')
 
@@ -144,9 +141,8 @@ async def test_a_client_slow_to_send_its_request_is_still_served(state_dir: Path
 async def test_listening_socket_is_closed_after_shutdown(state_dir: Path) -> None:
     async with running_daemon(_config(state_dir)) as (info, _client):
         url = info.url
-    host, port = url.removeprefix("http://").split(":")
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((host, int(port)), timeout=2).close()
+        socket.create_connection(raw_address(url), timeout=2).close()
 
 
 async def test_a_failed_take_over_thread_is_logged_and_the_daemon_keeps_serving(
@@ -186,15 +182,74 @@ def test_the_thread_never_blocks_a_stop_while_trio_takes_no_more_connections(
             thread.close()
 
 
-async def test_the_daemon_asks_for_1ms_gil_hand_overs_and_puts_the_setting_back(
-    state_dir: Path,
+def _process_settings() -> tuple[int, tuple[int, int, int], float]:
+    return gc.get_freeze_count(), gc.get_threshold(), sys.getswitchinterval()
+
+
+@pytest.fixture
+def restore_process_settings() -> Iterator[None]:
+    """Puts back what ``trioserve start`` sets for the whole process."""
+    _, threshold, interval = _process_settings()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
+
+
+async def test_an_in_process_daemon_changes_no_process_wide_setting(state_dir: Path) -> None:
+    before = _process_settings()
+    async with running_daemon(_config(state_dir)) as (_info, client):
+        assert (await client.get("/health")).status_code == 200
+        assert _process_settings() == before
+    assert _process_settings() == before
+
+
+def test_start_asks_for_1ms_gil_hand_overs_and_freezes_the_daemon_once_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_process_settings: None
 ) -> None:
     # The health thread needs the GIL several times per probe; the default 5 ms per hand-over
     # made probes under load take up to 28 ms (bench/load.py b).
-    before = sys.getswitchinterval()
-    async with running_daemon(_config(state_dir)):
-        assert sys.getswitchinterval() == daemon.SWITCH_INTERVAL <= 0.001
-    assert sys.getswitchinterval() == before
+    real_run_daemon = daemon.run_daemon
+    supervisors: list[int] = []  # not frozen, before and after on_ready
+    settings: list[tuple[int, tuple[int, int, int], float]] = []
+
+    def supervisors_collectable() -> int:
+        # gc.get_objects() leaves out what gc.freeze() moved to the permanent generation.
+        return sum(isinstance(o, Supervisor) for o in gc.get_objects())
+
+    async def run_until_ready(
+        config: Config, *, insecure: bool, on_ready: Callable[[], None]
+    ) -> None:
+        ready = trio.Event()
+
+        def check_then_stop() -> None:
+            supervisors.append(supervisors_collectable())
+            on_ready()
+            supervisors.append(supervisors_collectable())
+            settings.append(_process_settings())
+            ready.set()
+
+        await real_run_daemon(
+            config, insecure=insecure, on_ready=check_then_stop, shutdown_trigger=ready.wait
+        )
+
+    monkeypatch.setattr(daemon, "run_daemon", run_until_ready)
+    gc.unfreeze()
+    config_file, _url = daemon_config(
+        tmp_path / "trioserve.toml", tmp_path / "state", {"echo": {"cmd": echo_cmd()}}
+    )
+    result = CliRunner().invoke(app, ["start", "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    # What the daemon built at startup is frozen: full collections never walk it again.
+    [before, after] = supervisors
+    assert before >= 1  # this daemon's (an earlier test may have left one for the collector)
+    assert after == 0
+    [(frozen, threshold, interval)] = settings
+    assert frozen > 0
+    assert threshold == daemon_cmds.GC_THRESHOLDS
+    assert interval == daemon_cmds.SWITCH_INTERVAL <= 0.001
 
 
 async def test_one_accept_drains_the_queue_and_answers_a_probe_queued_behind_others() -> None:

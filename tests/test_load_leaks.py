@@ -10,7 +10,6 @@ every figure back to it. The backend's counters say every generation was cancell
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from pathlib import Path
 
@@ -18,15 +17,11 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import echo_cmd, running_daemon
-from tests.gateway_helpers import backend_port, chat, wait_for_stats, wait_for_status
-from tests.test_faults_support import (
-    Resources,
-    config_for,
-    raw_address,
-    trio_task_count,
-    wait_for_baseline,
-)
+from tests.support.config import echo_config, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import RawConnection, chat, raw_address, raw_post
+from tests.support.processes import Resources, trio_task_count, wait_for_baseline
+from tests.support.status import load_model, wait_for_stats, wait_for_status
 from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT
 
 WARM_UP = 200
@@ -88,22 +83,19 @@ async def _wave(address: tuple[str, int], request: bytes, clients: int) -> None:
 async def test_thousand_clients_hanging_up_mid_stream_leave_no_fds_tasks_or_memory(
     state_dir: Path,
 ) -> None:
-    model = {
-        "cmd": echo_cmd("--tokens", "2000", "--token-delay", "0.05"),
-        "max_concurrency": AT_ONCE + 8,
-        "max_queue": CLIENTS,
-    }
-    config = config_for(state_dir, {"echo": model})
+    config = echo_config(
+        state_dir,
+        "--tokens",
+        "2000",
+        "--token-delay",
+        "0.05",
+        max_concurrency=AT_ONCE + 8,
+        max_queue=CLIENTS,
+    )
     async with running_daemon(config) as (info, client):
-        await client.post("/admin/models/echo/load")
-        port = await backend_port(client, "echo")
+        port = (await load_model(client, "echo"))["port"]
         address = raw_address(info.url)
-        body = json.dumps(chat(stream=True)).encode()
-        request = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        request = raw_post(chat(stream=True))
 
         async def quiet(total: int) -> None:
             # Every generation started upstream was cancelled there, none ran to the end.
@@ -129,9 +121,6 @@ async def test_thousand_clients_hanging_up_mid_stream_leave_no_fds_tasks_or_memo
         print(f"baseline {baseline}, after {CLIENTS} disconnects {after}")
 
 
-CHAT_BODY = json.dumps(chat()).encode()
-
-
 # Routes served by the Quart-Trio app once left such a connection open until read_timeout
 # (request_timeout + 30 s): Quart-Trio cancels its request task on http.disconnect, which
 # Hypercorn queues from inside the last send, before it closes the socket.
@@ -141,31 +130,22 @@ CHAT_BODY = json.dumps(chat()).encode()
         b"GET /admin/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         b"GET /v1/models HTTP/1.0\r\n\r\n",
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        + f"Content-Length: {len(CHAT_BODY)}\r\n\r\n".encode()
-        + CHAT_BODY,
+        raw_post(chat(), b"Connection: close"),
     ],
     ids=["admin", "v1-models-http10", "metrics", "chat"],
 )
 async def test_connection_close_is_honoured_on_every_route(
     state_dir: Path, request_head: bytes
 ) -> None:
-    async with running_daemon(config_for(state_dir)) as (info, client):
+    async with running_daemon(make_config(state_dir)) as (info, client):
         # Warm: the model runs and the relay's pool holds its connection before the baseline.
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
         before = Resources.now()
-        stream = await trio.open_tcp_stream(*raw_address(info.url))
-        received = b""
-        closed = False
-        async with stream:
-            await stream.send_all(request_head)
-            with trio.move_on_after(1.5):
-                while data := await stream.receive_some(65536):
-                    received += data
-                closed = True
+        async with await RawConnection.open(info.url) as connection:
+            await connection.send(request_head)
+            # The server closes its end once the answer is out: this reads to that close.
+            received = await connection.read(within=1.5)
         assert received.startswith(b"HTTP/1.1 200"), received[:200]
-        # The server closed its end once the answer was out: the read above ended.
-        assert closed, "the connection is still open after the answer"
         await wait_for_baseline(before, within=5)
 
 
@@ -176,7 +156,7 @@ async def test_streaming_clients_leaving_keep_alive_connections_release_them_pro
     state_dir: Path,
 ) -> None:
     assert KEEP_ALIVE_TIMEOUT > 3
-    async with running_daemon(config_for(state_dir)) as (info, client):
+    async with running_daemon(make_config(state_dir)) as (info, client):
         # Warm: the model runs and the relay's pool holds its connection before the baseline.
         assert (await client.post("/v1/chat/completions", json=chat(stream=True))).is_success
         before = Resources.now()

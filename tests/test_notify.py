@@ -4,78 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
-import sys
-import tempfile
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from trioserve.host.notify import NOTIFY_ENV_VARS, SystemdNotifier, scrub_child_env
+from tests.support.notify import NotifyPeer
+from trioserve.host.notify import SystemdNotifier
+
+# For the tests that fill the peer's queue with a plain socket: it sends to a path, not to the
+# "@name" spelling of an abstract address.
+on_a_path = pytest.mark.parametrize("peer", ["path"], indirect=True)
 
 
-@dataclass
-class Peer:
-    """A bound datagram socket standing in for systemd, and its NOTIFY_SOCKET spelling."""
-
-    sock: socket.socket
-    notify_socket: str
-
-    def drain(self) -> list[bytes]:
-        """Every datagram queued so far, without blocking (trio's clock may be mocked)."""
-        received = []
-        while True:
-            try:
-                received.append(self.sock.recv(65536))
-            except BlockingIOError:
-                return received
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # sun_path holds 108 bytes; pytest's tmp_path (with the test's name in it) can
-    # be longer than that, so socket paths live in a short directory of their own.
-    path = Path(tempfile.mkdtemp(prefix="tsn-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _bound_peer(address: str | bytes, notify_socket: str) -> Peer:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.setblocking(False)
-    return Peer(sock, notify_socket)
-
-
-@pytest.fixture
-def path_peer(short_dir: Path) -> Iterator[Peer]:
-    path = str(short_dir / "notify")
-    peer = _bound_peer(path, path)
-    yield peer
-    peer.sock.close()
-
-
-@pytest.fixture
-def abstract_peer() -> Iterator[Peer]:
-    name = f"trioserve-test-{uuid.uuid4().hex}"
-    peer = _bound_peer("\0" + name, "@" + name)
-    yield peer
-    peer.sock.close()
-
-
-@pytest.fixture(params=["path", "abstract"])
-def peer(request: pytest.FixtureRequest) -> Peer:
-    fixture_name = f"{request.param}_peer"
-    result: Peer = request.getfixturevalue(fixture_name)
-    return result
+def _watchdog_notifier(peer: NotifyPeer, **env: str) -> SystemdNotifier:
+    """A notifier for ``peer`` with a 2 s watchdog: a ping every second."""
+    return SystemdNotifier.from_env(
+        {"NOTIFY_SOCKET": peer.notify_socket, "WATCHDOG_USEC": "2000000", **env}
+    )
 
 
 # --- parsing the environment ------------------------------------------------------
@@ -127,7 +76,7 @@ def test_invalid_watchdog_usec_disables_watchdog(usec: str) -> None:
 # --- messages -----------------------------------------------------------------------
 
 
-async def test_ready_status_stopping_arrive_in_order(peer: Peer) -> None:
+async def test_ready_status_stopping_arrive_in_order(peer: NotifyPeer) -> None:
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     await notifier.ready("listening on 127.0.0.1:8600")
     await notifier.status("2 models loaded")
@@ -143,34 +92,34 @@ async def test_ready_status_stopping_arrive_in_order(peer: Peer) -> None:
     ]
 
 
-async def test_notify_joins_fields_with_newlines(path_peer: Peer) -> None:
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
+async def test_notify_joins_fields_with_newlines(peer: NotifyPeer) -> None:
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     await notifier.notify("RELOADING=1", "STATUS=reloading config", "MONOTONIC_USEC=1")
     await notifier.watchdog_ping()
     await notifier.notify()  # nothing to say: nothing sent
-    assert path_peer.drain() == [
+    assert peer.drain() == [
         b"RELOADING=1\nSTATUS=reloading config\nMONOTONIC_USEC=1",
         b"WATCHDOG=1",
     ]
 
 
-async def test_status_with_newlines_cannot_forge_fields(path_peer: Peer) -> None:
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
+async def test_status_with_newlines_cannot_forge_fields(peer: NotifyPeer) -> None:
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     await notifier.status("model crashed:\nREADY=1\r\nsee logs")
-    assert path_peer.drain() == [b"STATUS=model crashed: READY=1 see logs"]
+    assert peer.drain() == [b"STATUS=model crashed: READY=1 see logs"]
     with pytest.raises(ValueError, match="newline"):
         await notifier.notify("STATUS=a\nREADY=1")
-    assert path_peer.drain() == []
+    assert peer.drain() == []
 
 
-async def test_utf8_status_is_sent_as_utf8(abstract_peer: Peer) -> None:
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": abstract_peer.notify_socket})
+async def test_utf8_status_is_sent_as_utf8(peer: NotifyPeer) -> None:
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     await notifier.status("modèle prêt ✓")
-    assert abstract_peer.drain() == ["STATUS=modèle prêt ✓".encode()]
+    assert peer.drain() == ["STATUS=modèle prêt ✓".encode()]
 
 
 async def test_without_notify_socket_nothing_is_sent(
-    monkeypatch: pytest.MonkeyPatch, path_peer: Peer
+    monkeypatch: pytest.MonkeyPatch, peer: NotifyPeer
 ) -> None:
     def no_socket_expected(*args: object, **kwargs: object) -> None:
         raise AssertionError("a socket was opened without NOTIFY_SOCKET")
@@ -186,7 +135,7 @@ async def test_without_notify_socket_nothing_is_sent(
     await notifier.notify("X=1")
     with trio.fail_after(1):
         await notifier.run_watchdog()  # returns at once instead of pinging forever
-    assert path_peer.drain() == []
+    assert peer.drain() == []
 
 
 # --- systemd's socket gone or wedged ----------------------------------------------
@@ -195,8 +144,8 @@ async def test_without_notify_socket_nothing_is_sent(
 async def test_peer_socket_deleted_does_not_raise(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = short_dir / "gone"
-    peer = _bound_peer(str(path), str(path))
+    peer = NotifyPeer.bind("path", short_dir)
+    path = Path(peer.notify_socket)
     peer.sock.close()
     path.unlink()
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": str(path)})
@@ -212,13 +161,27 @@ async def test_peer_socket_deleted_does_not_raise(
 async def test_peer_socket_closed_but_file_left_does_not_raise(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = short_dir / "stale"
-    peer = _bound_peer(str(path), str(path))
+    peer = NotifyPeer.bind("path", short_dir)
+    path = Path(peer.notify_socket)
     peer.sock.close()  # the inode stays: connect() gets ECONNREFUSED, not ENOENT
     notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": str(path)})
     with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.status("still here")
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def fill_queue(peer: NotifyPeer) -> int:
+    """Fill ``peer``'s receive queue (net.unix.max_dgram_qlen) the way a wedged systemd would
+    leave it: the kernel answers EAGAIN to further sends. Returns how many datagrams it holds."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        queued = 0
+        try:
+            while True:
+                filler.sendto(b"FILLER=1", peer.notify_socket)
+                queued += 1
+        except BlockingIOError:
+            return queued
 
 
 async def test_abstract_peer_gone_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
@@ -228,45 +191,27 @@ async def test_abstract_peer_gone_does_not_raise(caplog: pytest.LogCaptureFixtur
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
+@on_a_path
 async def test_peer_with_full_queue_drops_message_after_timeout(
-    autojump_clock: trio.testing.MockClock, path_peer: Peer, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Fill the peer's receive queue (net.unix.max_dgram_qlen) the way a wedged
-    # systemd would leave it: the kernel answers EAGAIN to further sends.
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler.setblocking(False)
-    queued = 0
-    try:
-        while True:
-            filler.sendto(b"FILLER=1", path_peer.notify_socket)
-            queued += 1
-    except BlockingIOError:
-        pass
-    finally:
-        filler.close()
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
+    queued = fill_queue(peer)
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     start = trio.current_time()
     with caplog.at_level(logging.WARNING, logger="trioserve.host.notify"):
         await notifier.stopping()
     # Waited (in virtual time) for room, gave up after the send timeout, returned.
     assert trio.current_time() - start == pytest.approx(1.0)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert path_peer.drain() == [b"FILLER=1"] * queued
+    assert peer.drain() == [b"FILLER=1"] * queued
 
 
+@on_a_path
 async def test_cancellation_while_waiting_for_room_propagates(
-    autojump_clock: trio.testing.MockClock, path_peer: Peer
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer
 ) -> None:
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler.setblocking(False)
-    try:
-        while True:
-            filler.sendto(b"FILLER=1", path_peer.notify_socket)
-    except BlockingIOError:
-        pass
-    finally:
-        filler.close()
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
+    fill_queue(peer)
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     with trio.move_on_after(0.5) as scope:
         await notifier.stopping()
     assert scope.cancelled_caught  # the caller's cancel, not swallowed as a send error
@@ -276,11 +221,9 @@ async def test_cancellation_while_waiting_for_room_propagates(
 
 
 async def test_watchdog_pings_every_half_of_watchdog_usec(
-    autojump_clock: trio.testing.MockClock, peer: Peer
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer
 ) -> None:
-    notifier = SystemdNotifier.from_env(
-        {"NOTIFY_SOCKET": peer.notify_socket, "WATCHDOG_USEC": "2000000"}
-    )
+    notifier = _watchdog_notifier(peer)
     assert notifier.watchdog_interval == 1.0
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
@@ -298,49 +241,39 @@ async def test_watchdog_pings_every_half_of_watchdog_usec(
 
 
 async def test_watchdog_total_count_over_five_seconds(
-    autojump_clock: trio.testing.MockClock, path_peer: Peer
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer
 ) -> None:
-    notifier = SystemdNotifier.from_env(
-        {"NOTIFY_SOCKET": path_peer.notify_socket, "WATCHDOG_USEC": "2000000"}
-    )
+    notifier = _watchdog_notifier(peer)
     async with trio.open_nursery() as nursery:
         await nursery.start(notifier.run_watchdog)
         await trio.sleep(5.5)
         nursery.cancel_scope.cancel()
     # One ping at start, then one per second: t = 0, 1, 2, 3, 4, 5.
-    assert path_peer.drain() == [b"WATCHDOG=1"] * 6
+    assert peer.drain() == [b"WATCHDOG=1"] * 6
 
 
 async def test_watchdog_after_a_stalled_loop_pings_once_not_a_burst(
-    autojump_clock: trio.testing.MockClock, path_peer: Peer
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer
 ) -> None:
-    notifier = SystemdNotifier.from_env(
-        {"NOTIFY_SOCKET": path_peer.notify_socket, "WATCHDOG_USEC": "2000000"}
-    )
+    notifier = _watchdog_notifier(peer)
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
         await nursery.start(notifier.run_watchdog)
         await trio.sleep_until(start + 0.5)
-        assert path_peer.drain() == [b"WATCHDOG=1"]  # t = 0
+        assert peer.drain() == [b"WATCHDOG=1"]  # t = 0
         # The event loop "stalls" for 3 s: the 1 s and 2 s deadlines are missed.
         autojump_clock.jump(3.0)
         await trio.sleep_until(start + 3.6)
-        assert path_peer.drain() == [b"WATCHDOG=1"]  # t = 3.5, no catch-up burst
+        assert peer.drain() == [b"WATCHDOG=1"]  # t = 3.5, no catch-up burst
         await trio.sleep_until(start + 4.6)
-        assert path_peer.drain() == [b"WATCHDOG=1"]  # t = 4.5, schedule restarted
+        assert peer.drain() == [b"WATCHDOG=1"]  # t = 4.5, schedule restarted
         nursery.cancel_scope.cancel()
 
 
 async def test_watchdog_pid_of_another_process_disables_watchdog(
-    autojump_clock: trio.testing.MockClock, path_peer: Peer
+    autojump_clock: trio.testing.MockClock, peer: NotifyPeer
 ) -> None:
-    notifier = SystemdNotifier.from_env(
-        {
-            "NOTIFY_SOCKET": path_peer.notify_socket,
-            "WATCHDOG_USEC": "2000000",
-            "WATCHDOG_PID": str(os.getpid() + 1),
-        }
-    )
+    notifier = _watchdog_notifier(peer, WATCHDOG_PID=str(os.getpid() + 1))
     assert notifier.enabled
     assert not notifier.watchdog_enabled
     start = trio.current_time()
@@ -349,65 +282,12 @@ async def test_watchdog_pid_of_another_process_disables_watchdog(
     # The nursery closed on its own: run_watchdog returned right after started().
     assert trio.current_time() == start
     await trio.sleep(10)
-    assert path_peer.drain() == []
+    assert peer.drain() == []
 
 
-async def test_watchdog_without_watchdog_usec_returns_at_once(path_peer: Peer) -> None:
-    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": path_peer.notify_socket})
+async def test_watchdog_without_watchdog_usec_returns_at_once(peer: NotifyPeer) -> None:
+    notifier = SystemdNotifier.from_env({"NOTIFY_SOCKET": peer.notify_socket})
     with trio.fail_after(1):
         async with trio.open_nursery() as nursery:
             await nursery.start(notifier.run_watchdog)
-    assert path_peer.drain() == []
-
-
-# --- children -----------------------------------------------------------------------
-
-
-def test_scrub_child_env_removes_notify_vars() -> None:
-    env = {
-        "PATH": "/usr/bin",
-        "NOTIFY_SOCKET": "/run/systemd/notify",
-        "WATCHDOG_USEC": "30000000",
-        "WATCHDOG_PID": "1234",
-        "TRIOSERVE_MODEL": "echo",
-    }
-    original = dict(env)
-    scrubbed = scrub_child_env(env)
-    assert scrubbed == {"PATH": "/usr/bin", "TRIOSERVE_MODEL": "echo"}
-    assert env == original  # a copy; the caller's dict is untouched
-    assert scrubbed is not env
-    assert set(NOTIFY_ENV_VARS) == {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
-
-
-def test_scrub_child_env_without_notify_vars_is_an_equal_copy() -> None:
-    env = {"HOME": "/var/lib/trioserve"}
-    scrubbed = scrub_child_env(env)
-    assert scrubbed == env
-    assert scrubbed is not env
-
-
-_PRINT_CHILD_ENV = (
-    "import os; print([os.environ.get(k) for k in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', "
-    "'WATCHDOG_PID', 'KEEP_ME')])"
-)
-
-
-async def test_child_started_with_scrubbed_env_does_not_see_notify_socket() -> None:
-    env = {
-        **os.environ,
-        "NOTIFY_SOCKET": "@trioserve-parent-only",
-        "WATCHDOG_USEC": "30000000",
-        "WATCHDOG_PID": str(os.getpid()),
-        "KEEP_ME": "yes",
-    }
-    unscrubbed = await trio.run_process(
-        [sys.executable, "-c", _PRINT_CHILD_ENV], env=env, capture_stdout=True
-    )
-    # Control: without scrubbing, the child does inherit them.
-    assert unscrubbed.stdout.decode().strip() == str(
-        ["@trioserve-parent-only", "30000000", str(os.getpid()), "yes"]
-    )
-    scrubbed = await trio.run_process(
-        [sys.executable, "-c", _PRINT_CHILD_ENV], env=scrub_child_env(env), capture_stdout=True
-    )
-    assert scrubbed.stdout.decode().strip() == str([None, None, None, "yes"])
+    assert peer.drain() == []

@@ -9,7 +9,9 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.support.config import echo_config
+from tests.support.daemon import running_daemon
+from tests.support.status import load_model, wait_for_status
 
 # openai's stream iterator stops at [DONE] without closing its inner async generator; under
 # trio that is reported when the generator is collected. Not a leak of ours.
@@ -23,9 +25,7 @@ def _client(url: str) -> openai.AsyncOpenAI:
 
 
 async def test_sdk_chat_completions_and_embeddings(state_dir: Path) -> None:
-    config = make_config(
-        state_dir, {"echo": {"cmd": echo_cmd("--tokens", "6", "--token-delay", "0.2")}}
-    )
+    config = echo_config(state_dir, "--tokens", "6", "--token-delay", "0.2")
     async with running_daemon(config) as (info, _):
         sdk = _client(info.url)
         reply = await sdk.chat.completions.create(
@@ -58,9 +58,13 @@ async def test_sdk_chat_completions_and_embeddings(state_dir: Path) -> None:
 
 
 async def test_sdk_exception_types_for_404_429_504(state_dir: Path) -> None:
-    config = make_config(
+    config = echo_config(
         state_dir,
-        {"slow": {"cmd": echo_cmd("--response-delay", "3"), "max_concurrency": 1, "max_queue": 0}},
+        "--response-delay",
+        "3",
+        name="slow",
+        max_concurrency=1,
+        max_queue=0,
         server={"first_byte_timeout": 1},
     )
     async with running_daemon(config) as (info, client):
@@ -69,7 +73,7 @@ async def test_sdk_exception_types_for_404_429_504(state_dir: Path) -> None:
             await sdk.chat.completions.create(model="nope", messages=[])
         assert not_found.value.code == "model_not_found"
 
-        await client.post("/admin/models/slow/load")
+        await load_model(client, "slow")
         async with trio.open_nursery() as nursery:
             busy = trio.Event()
 
@@ -81,9 +85,7 @@ async def test_sdk_exception_types_for_404_429_504(state_dir: Path) -> None:
 
             nursery.start_soon(occupy)
             await busy.wait()
-            with trio.fail_after(5):
-                while (await client.get("/admin/status")).json()["models"]["slow"]["in_flight"] < 1:
-                    await trio.sleep(0.01)
+            await wait_for_status(client, "slow", "in_flight", 1)
             with pytest.raises(openai.RateLimitError) as limited:
                 await sdk.chat.completions.create(model="slow", messages=[])
             assert limited.value.code == "queue_full"

@@ -12,13 +12,8 @@ Generations are kept short, or cut short on purpose, so the file runs in well un
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,38 +25,16 @@ import psutil
 import pytest
 import trio
 
-from tests.conftest import children_with_marker, free_port, make_config, running_daemon
+from tests.support.config import daemon_config, make_config
+from tests.support.daemon import TRIOSERVE_BIN, DaemonProcess, running_daemon
+from tests.support.ports import bindable
+from tests.support.processes import alive, children_with_marker, eventually
+from tests.support.real_model import MODEL, llama_model, needs_real_model
+from tests.support.status import load_model
 from trioserve.daemon import DaemonInfo
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "gemma-3-270m"
-
-
-def _llama_server() -> Path:
-    override = os.environ.get("TRIOSERVE_LLAMA_SERVER")
-    return Path(override) if override else ROOT / ".cache/llama-server/bin/llama-server"
-
-
-def _gguf() -> Path:
-    override = os.environ.get("TRIOSERVE_GGUF")
-    if override:
-        return Path(override)
-    recorded = ROOT / ".cache/gemma-3-270m.path"
-    if recorded.is_file():
-        return Path(recorded.read_text().strip())
-    return ROOT / ".cache/models/gemma-3-270m-q4_k_m.gguf"
-
-
-LLAMA_SERVER = _llama_server()
-GGUF = _gguf()
-_MISSING = [
-    str(path)
-    for path, ok in ((LLAMA_SERVER, os.access(LLAMA_SERVER, os.X_OK)), (GGUF, GGUF.is_file()))
-    if not ok
-]
-
 pytestmark = [
-    pytest.mark.real_model,
+    *needs_real_model(),
     # The OpenAI SDK leaves its SSE async generators unexhausted when a stream ends at [DONE]
     # or is closed early (it closes the response, not the generators); the connection is
     # closed. Known upstream, as with httpx in pyproject.toml, not a leak of ours.
@@ -74,11 +47,6 @@ pytestmark = [
         "|HTTP11ConnectionByteStream|AsyncHTTP11Connection):"
         "pytest.PytestUnraisableExceptionWarning"
     ),
-    pytest.mark.skipif(
-        bool(_MISSING),
-        reason=f"needs llama-server and the Gemma GGUF; missing {', '.join(_MISSING)} "
-        "(run `make real-model`)",
-    ),
 ]
 
 # A prompt the model answers at length; with ignore_eos (a llama-server extension) the answer
@@ -87,45 +55,6 @@ LONG_PROMPT = [{"role": "user", "content": "Count from 1 to 1000, separated by c
 SHORT_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 # ≈ 58 tokens/s on this 2-core machine: 1200 tokens is ~20 s, far longer than any test waits.
 LONG_TOKENS = 1200
-
-
-def llama_cmd(*, gguf: Path = GGUF, parallel: int = 1) -> list[str]:
-    return [
-        str(LLAMA_SERVER),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "-m",
-        str(gguf),
-        # The GGUF carries no chat template (llama-server would fall back to ChatML); "gemma"
-        # names the built-in one, which only --no-jinja makes it look up.
-        "--no-jinja",
-        "--chat-template",
-        "gemma",
-        "-c",
-        str(2048 * parallel),  # 2048 tokens per slot
-        "--parallel",
-        str(parallel),
-        "--fit",
-        "off",  # -c is given; skips a trial load of the model (a second or two per start)
-        # One thread: on a busy 2-core machine two threads stall each other at every sync
-        # point (35-49 vs 8 tokens/s measured at load average 5); tests share the machine.
-        "--threads",
-        "1",
-        "--slots",
-        "--metrics",
-        "--no-webui",
-    ]
-
-
-def model_config(*, gguf: Path = GGUF, parallel: int = 1) -> dict[str, Any]:
-    return {
-        "cmd": llama_cmd(gguf=gguf, parallel=parallel),
-        "health_path": "/health",  # llama-server answers 503 while it loads the model
-        "max_concurrency": parallel,  # one request per llama-server slot
-        "ttl": 0,
-    }
 
 
 @asynccontextmanager
@@ -145,12 +74,18 @@ async def sdk(info: DaemonInfo) -> AsyncIterator[openai.AsyncOpenAI]:
 
 async def load(client: httpx.AsyncClient) -> dict[str, Any]:
     """Start the model; return its /admin/status entry (pid, port, ...)."""
-    response = await client.post(f"/admin/models/{MODEL}/load", timeout=60)
-    assert response.status_code == 200, response.text
-    status = await client.get("/admin/status")
-    entry: dict[str, Any] = status.json()["models"][MODEL]
-    assert entry["state"] == "ready"
-    return entry
+    return await load_model(client, MODEL, timeout=60)
+
+
+async def long_generation(oai: openai.AsyncOpenAI, *, stream: bool) -> Any:
+    """A request for LONG_TOKENS tokens (~20 s of generation); the answer, or its stream."""
+    return await oai.chat.completions.create(
+        model=MODEL,
+        messages=LONG_PROMPT,
+        max_tokens=LONG_TOKENS,
+        stream=stream,
+        extra_body={"ignore_eos": True},
+    )
 
 
 async def slots(port: int) -> list[dict[str, Any]]:
@@ -229,7 +164,7 @@ async def served_at_once(oai: openai.AsyncOpenAI) -> float:
 
 
 async def test_chat_answer(state_dir: Path) -> None:
-    config = make_config(state_dir, {MODEL: model_config()})
+    config = make_config(state_dir, {MODEL: llama_model()})
     async with running_daemon(config) as (info, _), sdk(info) as oai:
         reply = await oai.chat.completions.create(
             model=MODEL, messages=SHORT_PROMPT, max_tokens=16, temperature=0
@@ -240,7 +175,7 @@ async def test_chat_answer(state_dir: Path) -> None:
 
 
 async def test_stream_arrives_incrementally(state_dir: Path) -> None:
-    config = make_config(state_dir, {MODEL: model_config()})
+    config = make_config(state_dir, {MODEL: llama_model()})
     async with running_daemon(config) as (info, client), sdk(info) as oai:
         await load(client)
         stream = await oai.chat.completions.create(
@@ -273,7 +208,7 @@ async def test_stream_arrives_incrementally(state_dir: Path) -> None:
 
 
 async def test_two_concurrent_requests(state_dir: Path) -> None:
-    config = make_config(state_dir, {MODEL: model_config(parallel=2)})
+    config = make_config(state_dir, {MODEL: llama_model(parallel=2)})
     async with running_daemon(config) as (info, client), sdk(info) as oai:
         entry = await load(client)
         answers: dict[int, str] = {}
@@ -311,19 +246,13 @@ async def test_two_concurrent_requests(state_dir: Path) -> None:
 async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> None:
     # One slot: if llama-server went on generating for the gone client, the next request
     # would wait for the rest of it (~20 s).
-    config = make_config(state_dir, {MODEL: model_config(parallel=1)})
+    config = make_config(state_dir, {MODEL: llama_model(parallel=1)})
     async with running_daemon(config) as (info, client), sdk(info) as oai:
         port = (await load(client))["port"]
         cancelled_before = await cancel_lines(client)
 
         async def long_request() -> None:
-            response = await oai.chat.completions.create(
-                model=MODEL,
-                messages=LONG_PROMPT,
-                max_tokens=LONG_TOKENS,
-                stream=stream,
-                extra_body={"ignore_eos": True},
-            )
+            response = await long_generation(oai, stream=stream)
             if stream:
                 async for _ in response:  # type: ignore[union-attr]
                     pass
@@ -346,20 +275,14 @@ async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> Non
     ids=["stream-request_timeout", "non-stream-first_byte_timeout"],
 )
 async def test_deadline_aborts_generation(state_dir: Path, stream: bool, deadline: str) -> None:
-    config = make_config(state_dir, {MODEL: model_config(parallel=1)}, server={deadline: 3})
+    config = make_config(state_dir, {MODEL: llama_model(parallel=1)}, server={deadline: 3})
     async with running_daemon(config) as (info, client), sdk(info) as oai:
         port = (await load(client))["port"]
         cancelled_before = await cancel_lines(client)
         start = trio.current_time()
         chunks = 0
         with pytest.raises(openai.APIError) as caught:
-            response = await oai.chat.completions.create(
-                model=MODEL,
-                messages=LONG_PROMPT,
-                max_tokens=LONG_TOKENS,
-                stream=stream,
-                extra_body={"ignore_eos": True},
-            )
+            response = await long_generation(oai, stream=stream)
             async for _ in response:  # type: ignore[union-attr]
                 chunks += 1
         took = trio.current_time() - start
@@ -382,26 +305,13 @@ async def test_deadline_aborts_generation(state_dir: Path, stream: bool, deadlin
 
 
 def port_is_free(port: int) -> bool:
-    """Nobody listens on it. SO_REUSEADDR, as every server sets it: connections the stopped
-    child closed linger in TIME_WAIT for a minute and do not hold the port."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    """Nobody listens on it (connections the stopped child closed may linger in TIME_WAIT
+    for a minute; they do not hold the port for a server)."""
+    return bindable(port, reuse_address=True)
 
 
 async def test_unload_stops_the_process_and_frees_its_port(state_dir: Path) -> None:
-    config = make_config(state_dir, {MODEL: model_config()})
+    config = make_config(state_dir, {MODEL: llama_model()})
     async with running_daemon(config) as (info, client):
         entry = await load(client)
         pid, port = entry["pid"], entry["port"]
@@ -411,7 +321,7 @@ async def test_unload_stops_the_process_and_frees_its_port(state_dir: Path) -> N
         response = await client.post(f"/admin/models/{MODEL}/unload")
         assert response.status_code == 200, response.text
         assert response.json()["state"] == "stopped"
-        assert gone(pid)
+        assert not alive(pid)
         assert port_is_free(port)
         assert children_with_marker(info.instance) == []
         status = (await client.get("/admin/status")).json()["models"][MODEL]
@@ -419,10 +329,10 @@ async def test_unload_stops_the_process_and_frees_its_port(state_dir: Path) -> N
 
 
 async def test_missing_gguf_fails_with_llama_servers_error(state_dir: Path, tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-model.gguf"
-    config = make_config(state_dir, {MODEL: model_config(gguf=missing)})
+    no_such_file = tmp_path / "no-such-model.gguf"
+    config = make_config(state_dir, {MODEL: llama_model(model_file=no_such_file)})
     # llama-server's own words for it.
-    own_error = f"failed to open GGUF file '{missing}'"
+    own_error = f"failed to open GGUF file '{no_such_file}'"
     async with running_daemon(config) as (info, client), sdk(info) as oai:
         response = await client.post(f"/admin/models/{MODEL}/load")
         assert response.status_code in (502, 503), response.text
@@ -440,84 +350,42 @@ async def test_missing_gguf_fails_with_llama_servers_error(state_dir: Path, tmp_
         assert own_error in caught.value.message
 
 
-def _toml_config(tmp_path: Path, port: int) -> Path:
-    first = free_port() // 100 * 100
-    lines = [
-        "[server]",
-        'host = "127.0.0.1"',
-        f"port = {port}",
-        f"state_dir = {json.dumps(str(tmp_path / 'state'))}",
-        "[supervisor]",
-        f"port_range = [{first}, {first + 99}]",
-        "stop_grace = 2",
-        "start_timeout = 30",
-        f"[models.{json.dumps(MODEL)}]",
-        f"cmd = {json.dumps(llama_cmd())}",
-        'health_path = "/health"',
-        "max_concurrency = 1",
-    ]
-    path = tmp_path / "real-model.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _trioserve() -> list[str]:
-    script = Path(sys.executable).with_name("trioserve")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from trioserve_cli.main import main; main()"]
-
-
 @pytest.mark.slow
-async def test_cleanup_kills_llama_server_left_by_a_killed_daemon(tmp_path: Path) -> None:
-    port = free_port()
-    config = _toml_config(tmp_path, port)
-    url = f"http://127.0.0.1:{port}"
-    daemon_log = (tmp_path / "daemon.log").open("wb")
-    daemon = subprocess.Popen(
-        [*_trioserve(), "start", "--config", str(config)],
-        stdout=daemon_log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+async def test_cleanup_kills_llama_server_left_by_a_killed_daemon(
+    tmp_path: Path, spawn_daemon: Any
+) -> None:
+    config, url = daemon_config(
+        tmp_path / "real-model.toml",
+        tmp_path / "state",
+        {MODEL: llama_model()},
+        supervisor={"start_timeout": 30},
     )
-    orphan: psutil.Process | None = None
+    daemon: DaemonProcess = spawn_daemon(config, url)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
+        entry = await load(client)
+    orphan = psutil.Process(entry["pid"])
     try:
-        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
-            with trio.fail_after(20):
-                while True:
-                    assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.05)
-            entry = await load(client)
-        orphan = psutil.Process(entry["pid"])
-
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait(timeout=10)
+        # With its guard: a daemon SIGKILLed alone has its models stopped by the guard.
+        daemon.kill_with_its_guard()
         # The daemon had no chance to stop its child: llama-server lives on, still listening.
-        assert orphan.is_running() and not gone(orphan.pid)
+        assert alive(orphan.pid)
         assert not port_is_free(entry["port"])
 
         result = await trio.run_process(
-            [*_trioserve(), "cleanup", "--yes", "--config", str(config)],
+            [str(TRIOSERVE_BIN), "cleanup", "--yes", "--config", str(config)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
         )
         output = (result.stdout + result.stderr).decode(errors="replace")
         assert result.returncode == 0, output
-        deadline = time.monotonic() + 5
-        while not gone(orphan.pid) and time.monotonic() < deadline:
-            await trio.sleep(0.05)
-        assert gone(orphan.pid), f"llama-server {orphan.pid} survived cleanup:\n{output}"
+        # Reaped by init, not by us: nothing announces it.
+        await eventually(
+            lambda: not alive(orphan.pid),
+            within=5,
+            what=f"llama-server {orphan.pid} killed by cleanup:\n{output}",
+        )
         assert str(orphan.pid) in output, output
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        daemon_log.close()
-        if orphan is not None and not gone(orphan.pid):
+        if alive(orphan.pid):
             os.killpg(orphan.pid, signal.SIGKILL)

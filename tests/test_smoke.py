@@ -7,7 +7,10 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import echo_cmd, make_config, running_daemon
+from tests.support.config import echo_config, make_config
+from tests.support.daemon import running_daemon
+from tests.support.http import chat, sse_lines
+from tests.support.status import load_model
 
 
 async def test_health_and_chat_through_the_daemon(state_dir: Path) -> None:
@@ -15,25 +18,20 @@ async def test_health_and_chat_through_the_daemon(state_dir: Path) -> None:
     async with running_daemon(config) as (_, client):
         health = await client.get("/health")
         assert health.json() == {"status": "ok"}
-        reply = await client.post(
-            "/v1/chat/completions",
-            json={"model": "echo", "messages": [{"role": "user", "content": "hello world"}]},
-        )
+        reply = await client.post("/v1/chat/completions", json=chat(text="hello world"))
         assert reply.status_code == 200
         assert reply.json()["choices"][0]["message"]["content"].startswith("hello world")
 
 
 async def test_stream_first_chunk_arrives_before_the_backend_finishes(state_dir: Path) -> None:
-    config = make_config(
-        state_dir, {"echo": {"cmd": echo_cmd("--tokens", "10", "--token-delay", "0.3")}}
-    )
+    config = echo_config(state_dir, "--tokens", "10", "--token-delay", "0.3")
     async with running_daemon(config) as (_, client):
-        await client.post("/admin/models/echo/load")
+        await load_model(client, "echo")
         start = trio.current_time()
-        body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+        body = chat(stream=True, text="a b")
         async with (
             client.stream("POST", "/v1/chat/completions", json=body) as response,
-            aclosing(response.aiter_lines()) as lines,
+            aclosing(sse_lines(response)) as lines,
         ):
             async for line in lines:
                 if line.startswith("data: "):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import health_server_cmd, make_config, running_supervisor_with_store
+from tests.support.config import health_server_cmd, make_config
+from tests.support.daemon import running_supervisor_with_store
 from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
 from trioserve.supervision.process import read_boot_id
 
@@ -139,7 +140,7 @@ async def test_supervisor_records_its_children(state_dir: Path) -> None:
     )
     async with running_supervisor_with_store(config) as supervisor:
         endpoint = await supervisor.ensure_ready("m")
-        pid = supervisor.status()["m"]["pid"]
+        pid = supervisor.status()["m"].pid
         await supervisor.unload("m")
     (row,) = StateStore(state_dir).children()
     assert row.instance == supervisor.instance and row.model == "m"

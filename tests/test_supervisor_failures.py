@@ -17,18 +17,14 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-import trioserve.supervision.supervisor
-from tests.conftest import (
-    SpawnCounter,
-    echo_cmd,
-    health_server_cmd,
-    make_config,
-    running_daemon,
-    running_supervisor,
-)
+import trioserve.supervision.run
+from tests.support.config import SpawnCounter, echo_cmd, health_server_cmd, make_config
+from tests.support.daemon import running_daemon, running_supervisor
+from trioserve.config import Config
 from trioserve.errors import ModelUnavailable, UpstreamError
 from trioserve.host.store import StateStore, StoreWriter
 from trioserve.supervision.lifecycle import State, Transition
+from trioserve.supervision.process import ChildProcess
 from trioserve.supervision.supervisor import Supervisor
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "a b c"}]}
@@ -56,13 +52,14 @@ async def next_event(events: trio.MemoryReceiveChannel[Transition], to: State) -
     raise AssertionError(f"the event stream ended before a transition to {to}")
 
 
-async def wait_for_process(supervisor: Supervisor, name: str) -> int:
-    """The pid of ``name``'s process once it is spawned. Polls: spawning publishes no event."""
-    model = supervisor.models[name]
+async def spawned(supervisor: Supervisor, name: str) -> ChildProcess:
+    """``name``'s process once it is spawned: the supervisor's ``on_spawn`` hook says when."""
+    model, spawn = supervisor.models[name], trio.Event()
+    supervisor.on_spawn = lambda spawned_name: spawn.set() if spawned_name == name else None
     with trio.fail_after(10):
         while model.process is None:
-            await trio.sleep(0.01)
-    return model.process.pid
+            await spawn.wait()
+    return model.process
 
 
 # -- crash while ready -------------------------------------------------------------------------
@@ -86,7 +83,8 @@ async def test_crash_while_ready_fails_the_lease_at_once_and_next_request_restar
                 crashed = trio.current_time()
                 # A request that is not reading from the backend right now (queued behind a
                 # lock, waiting on a slow client) learns of the crash from its lease.
-                await trio.sleep(30)
+                with trio.fail_after(30):
+                    await trio.sleep_forever()
         noticed = trio.current_time() - crashed
         assert noticed < 1.0
         assert lost.value.status == 502
@@ -105,6 +103,7 @@ async def test_crash_mid_request_gives_502_through_the_gateway(state_dir: Path) 
     config = make_config(state_dir, {"m": {"cmd": cmd}})
     async with running_daemon(config) as (info, client):
         assert (await client.post("/admin/models/m/load")).status_code == 200
+        model = info.supervisor.models["m"]
         async with transitions(info.supervisor) as events, trio.open_nursery() as nursery:
             slow: list[httpx.Response] = []
 
@@ -112,7 +111,10 @@ async def test_crash_mid_request_gives_502_through_the_gateway(state_dir: Path) 
                 slow.append(await client.post("/v1/chat/completions", json=CHAT))
 
             nursery.start_soon(slow_request)
-            await trio.sleep(0.2)  # let it reach the backend; it sleeps there 20 s
+            # Once it holds the model, it is on its way to the backend (which keeps it 20 s).
+            with trio.fail_after(10):
+                while not model.leases:
+                    await model.lease_changed.wait()
             crash = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
             with trio.fail_after(1):
                 failed = await next_event(events, State.FAILED)
@@ -129,6 +131,15 @@ async def test_crash_mid_request_gives_502_through_the_gateway(state_dir: Path) 
 # -- repeated failed starts --------------------------------------------------------------------
 
 
+def failing_config(
+    state_dir: Path, spawns: SpawnCounter, broken: Path, **supervisor: Any
+) -> Config:
+    """Model ``m``, whose starts fail (it exits 2) while the file ``broken`` exists. Creates it."""
+    broken.touch()
+    cmd = spawns.cmd("m", fail_while=broken)
+    return make_config(state_dir, {"m": {"cmd": cmd}}, supervisor=supervisor)
+
+
 @pytest.fixture
 def clock() -> MockClock:
     # An autojumping clock that waits for 50 ms of real idleness before it jumps: the children
@@ -141,16 +152,14 @@ async def test_failed_starts_cool_down_with_503_and_retry_after(
     state_dir: Path, tmp_path: Path, spawns: SpawnCounter, clock: MockClock
 ) -> None:
     broken = tmp_path / "broken"
-    broken.touch()
-    config = make_config(
+    config = failing_config(
         state_dir,
-        {"m": {"cmd": spawns.cmd("m", fail_while=broken)}},
-        supervisor={
-            "max_start_failures": 3,
-            "failure_cooldown": 30,
-            "start_timeout": 600,
-            "health_interval": 3600,
-        },
+        spawns,
+        broken,
+        max_start_failures=3,
+        failure_cooldown=30,
+        start_timeout=600,
+        health_interval=3600,
     )
     async with running_supervisor(config) as supervisor:
         model = supervisor.models["m"]
@@ -190,11 +199,8 @@ async def test_unload_clears_a_failure_cooldown(
     state_dir: Path, tmp_path: Path, spawns: SpawnCounter, clock: MockClock
 ) -> None:
     broken = tmp_path / "broken"
-    broken.touch()
-    config = make_config(
-        state_dir,
-        {"m": {"cmd": spawns.cmd("m", fail_while=broken)}},
-        supervisor={"max_start_failures": 1, "failure_cooldown": 3600, "start_timeout": 600},
+    config = failing_config(
+        state_dir, spawns, broken, max_start_failures=1, failure_cooldown=3600, start_timeout=600
     )
     async with running_supervisor(config) as supervisor:
         with pytest.raises(UpstreamError):
@@ -221,7 +227,8 @@ async def test_unresponsive_child_is_killed_and_failed(
     )
     async with running_supervisor(config) as supervisor:
         await supervisor.ensure_ready("m")
-        pid = supervisor.status()["m"]["pid"]
+        pid = supervisor.status()["m"].pid
+        assert pid is not None
         try:
             async with transitions(supervisor) as events:
                 with pytest.raises(UpstreamError, match="unresponsive"):
@@ -246,22 +253,42 @@ async def test_unresponsive_child_is_killed_and_failed(
         assert took < 5
         assert gone(pid)
         await supervisor.ensure_ready("m")
-        assert supervisor.status()["m"]["pid"] != pid
+        assert supervisor.status()["m"].pid != pid
     assert spawns.count("m") == 2
+
+
+# A health server that prints a line per check it answered ("health check N").
+COUNTS_HEALTH_CHECKS = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    checks = 0
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+        Handler.checks += 1
+        print("health check", Handler.checks, flush=True)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
 
 
 async def test_healthy_child_is_left_alone_by_the_watchdog(state_dir: Path) -> None:
     config = make_config(
         state_dir,
-        {"m": {"cmd": health_server_cmd()}},
+        {"m": {"cmd": ["{python}", "-c", COUNTS_HEALTH_CHECKS, "{port}"]}},
         supervisor={"health_interval": 0.05, "unhealthy_after": 1},
     )
     async with running_supervisor(config) as supervisor:
         await supervisor.ensure_ready("m")
-        pid = supervisor.status()["m"]["pid"]
-        await trio.sleep(0.5)  # ten health checks
-        assert supervisor.status()["m"]["state"] == "ready"
-        assert supervisor.status()["m"]["pid"] == pid
+        process = supervisor.models["m"].process
+        assert process is not None
+        with trio.fail_after(10):
+            await process.wait_for_output("health check 11")  # readiness, then ten checks
+        status = supervisor.status()["m"]
+        assert status.state is State.READY
+        assert status.pid == process.pid
 
 
 # -- forced unload -----------------------------------------------------------------------------
@@ -270,6 +297,15 @@ IGNORES_SIGTERM_NEVER_LISTENS = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "print('armed', flush=True); time.sleep(60)"
 )
+
+
+async def force_unload_ends_it_at_once(supervisor: Supervisor, pid: int) -> None:
+    """``unload m --force`` returns within a second, whatever grace is left; ``pid`` is gone."""
+    start = trio.current_time()
+    await supervisor.unload("m", force=True)
+    assert trio.current_time() - start < 1
+    assert supervisor.models["m"].state is State.STOPPED
+    assert gone(pid)
 
 
 async def test_force_unload_kills_a_model_stuck_starting(state_dir: Path) -> None:
@@ -285,15 +321,9 @@ async def test_force_unload_kills_a_model_stuck_starting(state_dir: Path) -> Non
                 await supervisor.ensure_ready("m")
 
         nursery.start_soon(waiting_caller)
-        pid = await wait_for_process(supervisor, "m")
-        process = supervisor.models["m"].process
-        assert process is not None
+        process = await spawned(supervisor, "m")
         await process.wait_for_output("armed")
-        start = trio.current_time()
-        await supervisor.unload("m", force=True)
-        assert trio.current_time() - start < 1
-        assert supervisor.models["m"].state is State.STOPPED
-        assert gone(pid)
+        await force_unload_ends_it_at_once(supervisor, process.pid)
 
 
 async def test_force_unload_kills_a_model_stuck_stopping(state_dir: Path) -> None:
@@ -304,17 +334,14 @@ async def test_force_unload_kills_a_model_stuck_stopping(state_dir: Path) -> Non
     )
     async with running_supervisor(config) as supervisor:
         await supervisor.ensure_ready("m")
-        pid = supervisor.status()["m"]["pid"]
+        pid = supervisor.status()["m"].pid
+        assert pid is not None
         async with trio.open_nursery() as nursery, transitions(supervisor) as events:
             nursery.start_soon(supervisor.unload, "m")  # graceful: SIGTERM, ignored
             await next_event(events, State.STOPPING)
             await trio.testing.wait_all_tasks_blocked()
             assert not gone(pid), "still waiting out its 30 s of grace"
-            start = trio.current_time()
-            await supervisor.unload("m", force=True)
-            assert trio.current_time() - start < 1
-        assert supervisor.models["m"].state is State.STOPPED
-        assert gone(pid)
+            await force_unload_ends_it_at_once(supervisor, pid)
 
 
 async def test_force_unload_fails_in_flight_leases(state_dir: Path) -> None:
@@ -330,9 +357,9 @@ async def test_force_unload_fails_in_flight_leases(state_dir: Path) -> None:
 
             nursery.start_soon(in_flight)
             await trio.testing.wait_all_tasks_blocked()
-            assert supervisor.status()["m"]["in_flight"] == 1
+            assert supervisor.status()["m"].in_flight == 1
             await supervisor.unload("m", force=True)
-        assert supervisor.status()["m"]["in_flight"] == 0
+        assert supervisor.status()["m"].in_flight == 0
 
 
 class SlowStore(StateStore):
@@ -348,13 +375,13 @@ async def test_unload_while_the_spawn_is_being_recorded_leaves_no_process(
 ) -> None:
     # Between the spawn and the end of its bookkeeping (reading the process start time,
     # writing its row: both in worker threads) a cancelled start must still stop its process.
-    real_start_time = trioserve.supervision.supervisor.process_start_time
+    real_start_time = trioserve.supervision.run.process_start_time
 
     def slow_start_time(pid: int) -> float | None:
         time.sleep(0.3)  # a busy /proc
         return real_start_time(pid)
 
-    monkeypatch.setattr(trioserve.supervision.supervisor, "process_start_time", slow_start_time)
+    monkeypatch.setattr(trioserve.supervision.run, "process_start_time", slow_start_time)
     config = make_config(state_dir, {"m": {"cmd": health_server_cmd()}})
     writer = StoreWriter(SlowStore(state_dir))
     async with trio.open_nursery() as outer:
@@ -368,7 +395,7 @@ async def test_unload_while_the_spawn_is_being_recorded_leaves_no_process(
                     await supervisor.ensure_ready("m")
 
             nursery.start_soon(caller)
-            pid = await wait_for_process(supervisor, "m")  # spawned, its row not yet written
+            pid = (await spawned(supervisor, "m")).pid  # spawned, its row not yet written
             await supervisor.unload("m", force=True)
             assert gone(pid)
             nursery.cancel_scope.cancel()

@@ -17,7 +17,8 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from tests.conftest import health_server_cmd, make_config, running_supervisor
+from tests.support.config import health_server_cmd, make_config
+from tests.support.daemon import running_supervisor
 from trioserve.config import Config
 from trioserve.errors import UpstreamError
 from trioserve.supervision.lifecycle import State, Transition
@@ -61,12 +62,12 @@ async def test_ttl_counts_from_the_end_of_the_last_lease(state_dir: Path, clock:
     async with running_supervisor(config) as supervisor:
         model = supervisor.models["m"]
         async with supervisor.lease("m"):
-            pid = supervisor.status()["m"]["pid"]
+            pid = supervisor.status()["m"].pid
             await trio.sleep(600)  # ten TTLs with a request in flight
             assert model.state is State.READY
         released = trio.current_time()
         await trio.sleep(59)
-        assert model.state is State.READY and supervisor.status()["m"]["pid"] == pid
+        assert model.state is State.READY and supervisor.status()["m"].pid == pid
         await stopped_event(supervisor, "m")
         assert 60 <= trio.current_time() - released < 61
 
@@ -105,45 +106,46 @@ async def test_eviction_never_stops_a_model_with_a_lease(state_dir: Path, clock:
     assert states == {"a": State.READY, "b": State.STOPPED, "c": State.READY}
 
 
+@pytest.mark.parametrize("a_frees_it_by", ["ending-its-lease", "crashing"])
 async def test_start_waits_while_every_loaded_model_is_busy(
-    state_dir: Path, clock: MockClock
+    state_dir: Path, clock: MockClock, a_frees_it_by: str
 ) -> None:
+    crashing = a_frees_it_by == "crashing"
     config = idle_config(state_dir, {"a": {}, "b": {}}, max_loaded=1)
     async with running_supervisor(config) as supervisor:
         a, b = supervisor.models["a"], supervisor.models["b"]
-        async with trio.open_nursery() as nursery, supervisor.lease("a"):
+        release = trio.Event()
+        lost: list[UpstreamError] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_hold_lease, supervisor, "a", release, lost)
             nursery.start_soon(supervisor.ensure_ready, "b")
             await trio.sleep(600)
             # b waits for room; it has not been spawned, a was not touched.
             assert b.state is State.STARTING and b.spawns == 0
             assert a.state is State.READY
-            # The lease is gone: a is idle, so it makes room for b.
-        assert a.state is State.STOPPED
+            if crashing:
+                assert a.process is not None
+                a.process.kill_now()
+            else:
+                release.set()
+        # Idle, a made room for b (eviction); crashed, its slot went to b.
+        assert a.state is (State.FAILED if crashing else State.STOPPED)
+        assert len(lost) == (1 if crashing else 0)
         assert b.state is State.READY
 
 
-async def test_waiting_start_takes_the_slot_a_crashed_model_frees(
-    state_dir: Path, clock: MockClock
+async def _hold_lease(
+    supervisor: Supervisor,
+    name: str,
+    release: trio.Event,
+    lost: list[UpstreamError],
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
-    config = idle_config(state_dir, {"a": {}, "b": {}}, max_loaded=1)
-    async with running_supervisor(config) as supervisor:
-        a, b = supervisor.models["a"], supervisor.models["b"]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(_hold_lease_until_lost, supervisor, "a")
-            nursery.start_soon(supervisor.ensure_ready, "b")
-            await trio.sleep(60)
-            assert b.spawns == 0
-            # a crashes while busy: its lease is lost and its slot goes to b.
-            assert a.process is not None
-            a.process.kill_now()
-        assert a.state is State.FAILED
-        assert b.state is State.READY
-
-
-async def _hold_lease_until_lost(
-    supervisor: Supervisor, name: str, *, task_status: trio.TaskStatus[None]
-) -> None:
-    with pytest.raises(UpstreamError):
+    """Hold a lease on ``name`` until ``release`` is set or the lease is lost (into ``lost``)."""
+    try:
         async with supervisor.lease(name):
             task_status.started()
-            await trio.sleep_forever()
+            await release.wait()
+    except UpstreamError as error:
+        lost.append(error)

@@ -18,7 +18,8 @@ import psutil
 import pytest
 import trio
 
-from tests.conftest import health_server_cmd, make_config, running_supervisor
+from tests.support.config import health_server_cmd, make_config
+from tests.support.daemon import running_supervisor
 from trioserve.supervision.process import ChildProcess, child_env
 from trioserve.supervision.ringbuffer import OutputRing
 
@@ -75,7 +76,7 @@ async def test_argv_env_and_group_of_a_model_child(
     async with running_supervisor(config) as supervisor:
         endpoint = await supervisor.ensure_ready("m")
         seen = json.loads(record.read_text())
-        pid = supervisor.status()["m"]["pid"]
+        pid = supervisor.status()["m"].pid
     # argv: placeholders filled, everything else literal: no shell ever saw it.
     assert seen["argv"][1:] == [
         str(endpoint.port),

@@ -12,13 +12,10 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import (
-    children_with_marker,
-    free_port,
-    health_server_cmd,
-    make_config,
-    running_supervisor_with_store,
-)
+from tests.support.config import health_server_cmd, make_config
+from tests.support.daemon import running_supervisor_with_store
+from tests.support.ports import free_port
+from tests.support.processes import children_with_marker
 from trioserve.host.store import StateStore
 from trioserve.supervision.lifecycle import State
 
@@ -55,11 +52,12 @@ async def test_shutdown_during_a_start_stops_the_starting_child(state_dir: Path)
     never_ready = {"cmd": ["{python}", "-c", "import time; time.sleep(60)"]}
     config = make_config(state_dir, {"m": never_ready})
     async with running_supervisor_with_store(config) as supervisor, trio.open_nursery() as nursery:
+        spawned = trio.Event()
+        supervisor.on_spawn = lambda name: spawned.set()
         nursery.start_soon(supervisor.ensure_ready, "m")
         model = supervisor.models["m"]
         with trio.fail_after(10):
-            while model.process is None:  # spawning publishes no event
-                await trio.sleep(0.01)
+            await spawned.wait()
         nursery.cancel_scope.cancel()
     assert model.state is State.STOPPED
     assert children_with_marker(supervisor.instance) == []

@@ -13,10 +13,12 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -28,10 +30,12 @@ from trioserve.errors import ConfigError
 
 __all__ = [
     "PLACEHOLDERS",
+    "RESERVED_USER_NAME",
     "Config",
     "ModelConfig",
     "ServerConfig",
     "SupervisorConfig",
+    "UserConfig",
     "is_loopback",
     "load_config",
     "parse_config",
@@ -44,6 +48,22 @@ PLACEHOLDERS = frozenset({"port", "python", "model", "state_dir"})
 DEFAULT_STATE_DIR = "~/.local/state/trioserve"
 
 
+def _int_as_float(value: object) -> object:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _no_empty_keys(keys: list[str]) -> list[str]:
+    if any(not key.strip() for key in keys):
+        raise ValueError("an API key must not be empty")
+    return keys
+
+
+# A float that may be written as an int: strict mode refuses an int for a float field, and TOML
+# users write `600`, not `600.0`.
+_Float = Annotated[float, BeforeValidator(_int_as_float)]
+_ApiKeys = Annotated[list[str], AfterValidator(_no_empty_keys)]
+
+
 class _Section(BaseModel):
     # strict: TOML already has types, so "8600" for a port is a mistake worth reporting.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -53,52 +73,26 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8600, ge=0, le=65535)
     state_dir: str = DEFAULT_STATE_DIR
-    request_timeout: float = Field(600, gt=0)
-    first_byte_timeout: float = Field(180, gt=0)
-    stream_idle_timeout: float = Field(60, gt=0)
+    request_timeout: _Float = Field(600, gt=0)
+    first_byte_timeout: _Float = Field(180, gt=0)
+    stream_idle_timeout: _Float = Field(60, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
-    api_keys: list[str] = Field(default_factory=list)
-    admin_keys: list[str] = Field(default_factory=list)
+    api_keys: _ApiKeys = Field(default_factory=list)
+    admin_keys: _ApiKeys = Field(default_factory=list)
     loading_progress: bool = True
     # Not in the minimal config: how long shutdown lets in-flight requests finish.
-    shutdown_grace: float = Field(15, ge=0)
-
-    @field_validator(
-        "request_timeout",
-        "first_byte_timeout",
-        "stream_idle_timeout",
-        "shutdown_grace",
-        mode="before",
-    )
-    @classmethod
-    def _int_is_a_float(cls, value: object) -> object:
-        # strict mode refuses an int for a float field; TOML users write `600`, not `600.0`.
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("api_keys", "admin_keys")
-    @classmethod
-    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
-        if any(not key.strip() for key in keys):
-            raise ValueError("an API key must not be empty")
-        return keys
+    shutdown_grace: _Float = Field(15, ge=0)
 
 
 class SupervisorConfig(_Section):
     max_loaded: int = Field(2, ge=1)
-    start_timeout: float = Field(120, gt=0)
-    stop_grace: float = Field(10, ge=0)
+    start_timeout: _Float = Field(120, gt=0)
+    stop_grace: _Float = Field(10, ge=0)
     port_range: list[int] = Field(default_factory=lambda: [20000, 20999])
     max_start_failures: int = Field(3, ge=1)
-    failure_cooldown: float = Field(30, ge=0)
-    health_interval: float = Field(10, gt=0)
+    failure_cooldown: _Float = Field(30, ge=0)
+    health_interval: _Float = Field(10, gt=0)
     unhealthy_after: int = Field(3, ge=1)
-
-    @field_validator(
-        "start_timeout", "stop_grace", "failure_cooldown", "health_interval", mode="before"
-    )
-    @classmethod
-    def _int_is_a_float(cls, value: object) -> object:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("port_range")
     @classmethod
@@ -114,16 +108,15 @@ class SupervisorConfig(_Section):
 class ModelConfig(_Section):
     cmd: list[str] = Field(min_length=1)
     health_path: str = "/health"
-    ttl: float = Field(300, ge=0)
+    ttl: _Float = Field(300, ge=0)
     max_concurrency: int = Field(8, ge=1)
     max_queue: int = Field(128, ge=0)
     aliases: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _int_is_a_float(cls, value: object) -> object:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    # Non-streaming chat/completions requests go upstream as streams and are assembled back,
+    # so a hang-up or deadline stops the generation (llama-server notices a closed connection
+    # only while it writes a stream). false relays them as they came.
+    stream_upstream: bool = True
 
     @field_validator("health_path")
     @classmethod
@@ -149,10 +142,19 @@ class ModelConfig(_Section):
         return env
 
 
+class UserConfig(_Section):
+    api_keys: _ApiKeys = Field(default_factory=list)
+    # allow_inf_nan: an infinite weight would take every slot, a NaN would break the order.
+    weight: _Float = Field(1.0, gt=0, allow_inf_nan=False)
+    max_concurrency: int = Field(0, ge=0)
+    max_queue: int = Field(0, ge=0)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)  # type: ignore[arg-type]
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
     # Where the file came from; not a TOML key.
     _source: str = PrivateAttr(default="<memory>")
 
@@ -168,6 +170,15 @@ class Config(_Section):
             # systemd may pass several colon-separated dirs; the first is ours.
             return Path(from_systemd.split(":")[0])
         return Path(self.server.state_dir).expanduser()
+
+    @property
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Every key accepted on /v1/*: ``server.api_keys`` and each user's."""
+        # Not cached: ``model_copy`` would carry a cached value over to a changed copy.
+        keys = list(self.server.api_keys)
+        for user in self.users.values():
+            keys.extend(user.api_keys)
+        return tuple(keys)
 
     def resolve_name(self, name: str) -> str | None:
         """The model's own name for ``name`` (a name or an alias), or None."""
@@ -225,6 +236,11 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _number(bound: object) -> object:
+    # A bound on a float field can come back as 0.0; the file's author wrote 0.
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+
+
 def _reason(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -234,11 +250,11 @@ def _reason(error: Mapping[str, Any]) -> str:
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
+        return f"must be >= {_number(ctx['ge'])}"
     if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
+        return f"must be > {_number(ctx['gt'])}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
+        return f"must be <= {_number(ctx['le'])}"
     if kind == "too_short":
         return "must not be empty"
     if kind == "value_error":
@@ -256,6 +272,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
         first = exc.errors()[0]
         raise ConfigError(source, _key_path(first["loc"]), _reason(first)) from None
     _check_names(config, source)
+    _check_users(config, source)
     config._source = source
     return config
 
@@ -273,6 +290,33 @@ def _check_names(config: Config, source: str) -> None:
             if alias in seen and alias != name:
                 raise ConfigError(source, f"models.{name}.aliases", f"{alias!r} is listed twice")
             seen[alias] = name
+
+
+# The name status and metrics give every request without a configured user's key.
+RESERVED_USER_NAME = "anonymous"
+
+
+def _check_users(config: Config, source: str) -> None:
+    # Keys are secrets: a message says where a key is used again, never the key.
+    owners = dict.fromkeys(config.server.api_keys, "server.api_keys")
+    for name, user in config.users.items():
+        path = f"users.{name}"
+        if not name or name != name.strip():
+            raise ConfigError(source, path, f"bad user name {name!r}")
+        if name == RESERVED_USER_NAME:
+            raise ConfigError(
+                source, path, f"{name!r} is reserved for requests without a user's key"
+            )
+        for key in user.api_keys:
+            if key in owners:
+                where = owners[key]
+                reason = (
+                    "a key is listed twice"
+                    if where == path
+                    else f"a key is already used by {where}"
+                )
+                raise ConfigError(source, f"{path}.api_keys", reason)
+            owners[key] = path
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -6,11 +6,10 @@ finish within ``shutdown_grace``, then stop every child in parallel, record it, 
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,10 +24,15 @@ from trioserve.gateway.admin import build_admin_app
 from trioserve.gateway.app import Gateway
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.relay import Relay
-from trioserve.gateway.upstream import KeepAlivePool, upstream_client
-from trioserve.host.cleanup import live_daemon, reclaim_leftovers
+from trioserve.gateway.upstream import KeepAlivePool
+from trioserve.gateway.usage import UsageBook
+from trioserve.host.cleanup import reclaim_leftovers
+from trioserve.host.guard_client import Guard, GuardError
 from trioserve.host.notify import SystemdNotifier
+from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
+from trioserve.reload import Reloader, ReloadRefused
+from trioserve.reload_plan import ReloadPlan
 from trioserve.server.hypercorn_serve import hypercorn_config, serve
 from trioserve.supervision.events import EventBus
 from trioserve.supervision.process import process_start_time, read_boot_id
@@ -41,8 +45,6 @@ __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 log = logging.getLogger("trioserve")
 
 _E = TypeVar("_E", bound=BaseException)
-GC_THRESHOLDS = (10_000, 20, 20)
-SWITCH_INTERVAL = 0.001
 # Idle keep-alive connections kept per backend; more concurrent requests open more.
 IDLE_PER_BACKEND = 64
 
@@ -75,11 +77,17 @@ async def run_daemon(
     *,
     insecure: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    on_ready: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or ``shutdown_trigger`` returns)."""
+    """Run the daemon until SIGTERM/SIGINT (or ``shutdown_trigger`` returns).
+
+    ``on_ready`` is called once, in the loop, when the daemon is listening and everything it
+    keeps is loaded, before READY and ``task_status.started``. The daemon changes no
+    process-wide setting itself; the process's owner (``trioserve start``) tunes it there.
+    """
     server = config.server
-    if not is_loopback(server.host) and not server.api_keys and not insecure:
+    if not is_loopback(server.host) and not config.all_api_keys and not insecure:
         raise DaemonError(
             f"refusing to listen on {server.host} with no api_keys: anyone on the network could "
             "use your models. Set [server] api_keys, bind to 127.0.0.1, or pass --insecure."
@@ -94,7 +102,7 @@ async def run_daemon(
     except OSError as exc:
         raise DaemonError(f"cannot use state_dir {state_dir}: {exc}") from exc
     try:
-        await _run_locked(config, state_dir, shutdown_trigger, task_status)
+        await _run_locked(config, state_dir, shutdown_trigger, on_ready, task_status)
     except BaseExceptionGroup as group:
         # Nurseries (ours and Hypercorn's) wrap everything in groups; a refusal to start or a
         # second Ctrl-C is one plain exception to the caller, so the CLI can print one line.
@@ -138,6 +146,7 @@ async def _run_locked(
     config: Config,
     state_dir: Path,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    on_ready: Callable[[], None] | None,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
     store = StateStore(state_dir)
@@ -169,14 +178,35 @@ async def _run_locked(
         # The writer lives in a nursery of its own, outside everything that submits to it:
         # when the rest has finished, it is closed and drains what is queued (children's final
         # states) instead of being cancelled with those writes still pending.
-        async with trio.open_nursery() as store_nursery:
-            await store_nursery.start(writer.run)
+        # The guard outlives everything that spawns: it learns each child before any request
+        # can reach it, and is told goodbye only once every child was stopped and reaped.
+        guard = Guard(instance=instance, grace=config.supervisor.stop_grace)
+        async with trio.open_nursery() as guard_nursery:
             try:
-                await _serve(
-                    config, instance, row, store, writer, notifier, shutdown_trigger, task_status
-                )
+                await guard_nursery.start(guard.run)
+            except GuardError as exc:
+                raise DaemonError(f"cannot start the guard process: {exc}") from exc
+            try:
+                async with trio.open_nursery() as store_nursery:
+                    await store_nursery.start(writer.run)
+                    try:
+                        await _serve(
+                            config,
+                            instance,
+                            row,
+                            store,
+                            writer,
+                            notifier,
+                            guard,
+                            shutdown_trigger,
+                            on_ready,
+                            task_status,
+                        )
+                    finally:
+                        writer.close()
             finally:
-                writer.close()
+                guard.close()
+                await guard.wait_closed()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.daemon_stopped, instance)
@@ -190,7 +220,9 @@ async def _serve(
     store: StateStore,
     writer: StoreWriter,
     notifier: SystemdNotifier,
+    guard: Guard,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    on_ready: Callable[[], None] | None,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
     metrics = Metrics()
@@ -211,10 +243,20 @@ async def _serve(
             await stop_requested.wait()
             nursery.cancel_scope.cancel()
 
+    def apply(new: Config, plan: ReloadPlan) -> None:
+        """A reload, put in force in one step (no checkpoint)."""
+        supervisor.apply_config(new, plan)
+        relay.config = gateway.config = new
+        usage.set_users(new.users)
+        guard.set_grace(new.supervisor.stop_grace)
+
+    reloader = Reloader(config, apply, notifier)
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, stop_requested)
+        outer.start_soon(_watch_signals, stop_requested, reloader)
         async with trio.open_nursery() as core:
-            supervisor = Supervisor(config, instance=instance, events=events, store=writer)
+            supervisor = Supervisor(
+                config, instance=instance, events=events, store=writer, guard=guard
+            )
             supervisor.on_spawn = metrics.spawned
             supervisor.on_failure = metrics.failed
             metrics.watch_models(supervisor.status)
@@ -222,17 +264,20 @@ async def _serve(
             # Concurrency per model is bounded by admission, not by the pool.
             pool = KeepAlivePool(max_idle_per_backend=IDLE_PER_BACKEND, keepalive_expiry=5.0)
             core.start_soon(_sweep_on_model_events, pool, supervisor)
-            async with upstream_client(pool) as http:
+            async with pool:
+                usage = UsageBook(metrics.registry, config.users)
                 admin = build_admin_app(
-                    config,
+                    reloader,
                     supervisor,
                     metrics,
+                    usage,
                     instance=instance,
                     started_at=row.started_at,
                     version=__version__,
                     pid=row.pid,
                 )
-                gateway = Gateway(config, Relay(config, supervisor, http, metrics), admin)
+                relay = Relay(config, supervisor, pool, metrics, usage)
+                gateway = Gateway(config, relay, admin)
                 hyper = hypercorn_config(config)
                 served = trio.Event()
 
@@ -261,54 +306,37 @@ async def _serve(
                 bound = replace(row, url=url)
                 await writer.call(lambda: store.record_daemon(bound))
                 log.info("trioserve %s listening on %s (instance %s)", __version__, url, instance)
-                untune = _tune_runtime()
-                try:
-                    # READY only now: the listener is bound and the startup cleanup is done.
-                    await notifier.ready(status=_status_line(supervisor))
-                    await core.start(notifier.run_watchdog)
-                    core.start_soon(_report_status, notifier, supervisor)
-                    task_status.started(DaemonInfo(instance, url, supervisor))
-                    await stop_requested.wait()
-                    log.info("shutting down: draining requests, then stopping models")
-                    await notifier.stopping(status="stopping: draining requests, then models")
-                    # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
-                    # is cancelled, which stops every child in parallel and reaps it.
-                    with trio.move_on_after(config.server.shutdown_grace + 1):
-                        await served.wait()
-                    core.cancel_scope.cancel()
-                finally:
-                    # In-process daemons (the tests) leave the interpreter as they found it.
-                    untune()
+                if on_ready is not None:
+                    # Everything the daemon keeps for its lifetime now exists: modules, apps,
+                    # config, supervisor, the listener.
+                    on_ready()
+                # READY only now: the listener is bound and the startup cleanup is done.
+                await notifier.ready(status=_status_line(supervisor))
+                await core.start(notifier.run_watchdog)
+                core.start_soon(_report_status, notifier, supervisor)
+                task_status.started(DaemonInfo(instance, url, supervisor))
+                await stop_requested.wait()
+                reloader.closed = True
+                log.info("shutting down: draining requests, then stopping models")
+                await notifier.stopping(status="stopping: draining requests, then models")
+                # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
+                # is cancelled, which stops every child in parallel and reaps it.
+                with trio.move_on_after(config.server.shutdown_grace + 1):
+                    await served.wait()
+                core.cancel_scope.cancel()
         outer.cancel_scope.cancel()
 
 
-def _tune_runtime() -> Callable[[], None]:
-    """Settings for a busy daemon; returns what undoes them."""
-    previous_threshold, previous_interval = gc.get_threshold(), sys.getswitchinterval()
-    # Everything alive now (modules, the apps, the config) lives as long as the daemon.
-    # Frozen, it is never walked again by a collection that holds the GIL, and /health with it.
-    gc.freeze()
-    # Requests leave no reference cycles (tests/test_gateway_garbage.py), so collections find
-    # little: fewer of them, while 1,000 streams start, each finding only live objects.
-    gc.set_threshold(*GC_THRESHOLDS)
-    # The /health thread (listener.py) needs the GIL a few times per probe, and each time
-    # waits up to the switch interval for the busy loop to let go of it: at the default 5 ms,
-    # probes under load took up to 28 ms. Only a thread that asks for the GIL makes the loop
-    # yield it, so an idle thread costs nothing.
-    sys.setswitchinterval(SWITCH_INTERVAL)
-
-    def untune() -> None:
-        gc.unfreeze()
-        gc.set_threshold(*previous_threshold)
-        sys.setswitchinterval(previous_interval)
-
-    return untune
-
-
-async def _watch_signals(stop_requested: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(stop_requested: trio.Event, reloader: Reloader) -> None:
+    """SIGTERM/SIGINT: graceful stop (a second one: stop models now). SIGHUP: reload the
+    config — never the default action, which would end the daemon when its terminal closes."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if not stop_requested.is_set():
+            if signum == signal.SIGHUP:
+                log.info("received SIGHUP: reloading the config")
+                with contextlib.suppress(ReloadRefused):  # logged, and told to systemd
+                    await reloader.reload()
+            elif not stop_requested.is_set():
                 log.info("received %s", signal.Signals(signum).name)
                 stop_requested.set()
             else:
@@ -319,7 +347,7 @@ async def _watch_signals(stop_requested: trio.Event) -> None:
 def _status_line(supervisor: Supervisor) -> str:
     states: dict[str, int] = {}
     for info in supervisor.status().values():
-        states[info["state"]] = states.get(info["state"], 0) + 1
+        states[info.state.value] = states.get(info.state.value, 0) + 1
     ready = states.get("ready", 0)
     return f"{ready} of {len(supervisor.models)} models ready; " + ", ".join(
         f"{count} {state}" for state, count in sorted(states.items())

@@ -7,6 +7,29 @@ send; JSON is built with string formatting, never with ``json.dumps`` per chunk.
 
 Run it with ``python -m trioserve.backends.echo --port 8081``; ``--help`` lists the options that
 make it slow to start, slow to answer, or crash, for fault tests.
+
+Chat and completions requests also understand, as an OpenAI server does:
+
+- ``n``: that many choices; choice ``i`` starts its reply at the input's word ``i``.
+- ``tools`` (chat): the reply is a call of each function named there (only the first with
+  ``parallel_tool_calls: false``, the named one with a ``tool_choice`` naming a function, none
+  with ``"none"``), its ``arguments`` ``{"text": REPLY}``, streamed one token per chunk.
+- ``logprobs`` (chat: ``true`` and ``top_logprobs``; completions: the number of alternatives):
+  made-up but deterministic log probabilities for each token.
+- ``stream_options.include_usage``: usage comes in a last chunk of its own (``"choices": []``),
+  not in the chunk with ``finish_reason`` (where it is otherwise, as llama-server puts it).
+
+and two test triggers of its own, in the request body:
+
+- ``echo_error_after: N``: the answer fails after N tokens with llama-server's error shape
+  ``{"error": {"code": C, "message", "type"}}``: as the HTTP status C when N is 0 or the request
+  is not streamed, else as a last event ``data: {"error": ...}`` (no ``[DONE]``), as
+  llama-server ends a stream that fails.
+- ``echo_error_code: C``: that status and code (400-599; default 500).
+
+A streamed request that asks for usage is what trioserve sends upstream for a client's
+non-streaming request; ``--response-delay`` therefore applies to it too, before its headers,
+so that a slow non-streaming answer stays slow when it is relayed as a stream.
 """
 
 from __future__ import annotations
@@ -19,6 +42,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Final, Literal
 
 import trio
@@ -51,6 +75,20 @@ _EMBEDDING_SIZE: Final = 8
 
 _DONE: Final = b"data: [DONE]\n\n"
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+# Bounds of the request fields, as OpenAI's (n: one request, one answer, not a flood).
+_MAX_CHOICES: Final = 128
+_MAX_TOP_LOGPROBS: Final = 20
+_MAX_COMPLETION_LOGPROBS: Final = 5
+# Error types of llama-server's error objects, by status (``echo_error_code``).
+_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
 
 GenerationKind = Literal["chat", "completion"]
 
@@ -96,15 +134,16 @@ class EchoStats:
 # The pure core: what the model says
 
 
-def reply_tokens(text: str, count: int) -> list[str]:
-    """The reply to ``text``: its words cycled to ``count`` tokens, each but the last with a space.
+def reply_tokens(text: str, count: int, start: int = 0) -> list[str]:
+    """The reply to ``text``: its words from word ``start`` on, cycled to ``count`` tokens, each
+    but the last with a space.
 
     >>> reply_tokens("hello world", 3)
     ['hello ', 'world ', 'hello']
     """
     words = text.split() or [_EMPTY_INPUT_WORD]
     last = count - 1
-    return [words[i % len(words)] + (" " if i < last else "") for i in range(count)]
+    return [words[(i + start) % len(words)] + (" " if i < last else "") for i in range(count)]
 
 
 def embed(text: str) -> list[float]:
@@ -141,6 +180,22 @@ class _Generation:
     text: str
     count: int
     stream: bool
+    n: int = 1
+    tools: tuple[str, ...] = ()  # the functions the reply calls
+    logprobs: int | None = None  # alternatives per token; None: not asked for
+    include_usage: bool = False
+    error_after: int | None = None
+    error_code: int = 500
+
+    @property
+    def plain(self) -> bool:
+        """Streamed on the fast path (``_ChunkFormat``): one choice of text, nothing else."""
+        return self.n == 1 and not self.tools and self.logprobs is None and self.error_after is None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        completion = self.count * self.n * max(1, len(self.tools))
+        return _usage(len(self.text.split()), completion)
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -184,6 +239,52 @@ def _input_text(kind: GenerationKind, payload: dict[str, Any]) -> str:
     raise _RequestError(400, "'prompt' must be a string or a list of strings.", "invalid_prompt")
 
 
+def _optional_int(payload: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        message = f"'{key}' must be an integer from {low} to {high}."
+        raise _RequestError(400, message, f"invalid_{key}")
+    return value
+
+
+def _called_tools(payload: dict[str, Any]) -> tuple[str, ...]:
+    """The functions a chat reply calls: see the module's docstring."""
+    tools = payload.get("tools")
+    if not tools:
+        return ()
+    if not isinstance(tools, list) or not all(
+        isinstance(tool, dict)
+        and isinstance(tool.get("function"), dict)
+        and isinstance(tool["function"].get("name"), str)
+        for tool in tools
+    ):
+        message = '\'tools\' must be a list of {"type": "function", "function": {"name"}}.'
+        raise _RequestError(400, message, "invalid_tools")
+    names = tuple(tool["function"]["name"] for tool in tools)
+    choice = payload.get("tool_choice")
+    if choice == "none":
+        return ()
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or name not in names:
+            raise _RequestError(400, "'tool_choice' names no tool.", "invalid_tool_choice")
+        return (name,)
+    return names[:1] if payload.get("parallel_tool_calls") is False else names
+
+
+def _asked_logprobs(kind: GenerationKind, payload: dict[str, Any]) -> int | None:
+    if kind == "completion":
+        return _optional_int(payload, "logprobs", 0, _MAX_COMPLETION_LOGPROBS)
+    asked = payload.get("logprobs")
+    if asked not in (None, True, False):
+        raise _RequestError(400, "'logprobs' must be a boolean.", "invalid_logprobs")
+    top = _optional_int(payload, "top_logprobs", 0, _MAX_TOP_LOGPROBS)
+    return (top or 0) if asked else None
+
+
 def _parse_generation(kind: GenerationKind, body: bytes, tokens: int) -> _Generation:
     payload = _parse_json(body)
     count = tokens
@@ -194,7 +295,19 @@ def _parse_generation(kind: GenerationKind, body: bytes, tokens: int) -> _Genera
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise _RequestError(400, f"'{key}' must be an integer.", "invalid_max_tokens")
         count = max(0, min(count, limit))
-    return _Generation(kind, _input_text(kind, payload), count, payload.get("stream") is True)
+    options = payload.get("stream_options")
+    return _Generation(
+        kind,
+        _input_text(kind, payload),
+        count,
+        payload.get("stream") is True,
+        n=_optional_int(payload, "n", 1, _MAX_CHOICES) or 1,
+        tools=_called_tools(payload) if kind == "chat" else (),
+        logprobs=_asked_logprobs(kind, payload),
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        error_after=_optional_int(payload, "echo_error_after", 0, 1 << 30),
+        error_code=_optional_int(payload, "echo_error_code", 400, 599) or 500,
+    )
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -205,30 +318,206 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _answer(generation: _Generation, ident: str, created: int, model: str) -> bytes:
-    """The whole non-streaming answer."""
-    text = "".join(reply_tokens(generation.text, generation.count))
-    choice: dict[str, Any]
-    if generation.kind == "chat":
-        obj = "chat.completion"
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": "stop",
+class _Reply:
+    """Everything but the plain streamed answer: the non-streaming answer of any request, and
+    the stream of one with ``n``, ``tools``, ``logprobs`` or ``echo_error_after``.
+
+    Built with ``json.dumps`` per chunk, which is why plain streams never come here.
+    """
+
+    def __init__(self, generation: _Generation, ident: str, created: int, model: str) -> None:
+        self.generation = generation
+        self.ident = ident
+        self._head = {"id": ident, "object": "", "created": created, "model": model}
+        self._tokens = [
+            reply_tokens(generation.text, generation.count, start=i) for i in range(generation.n)
+        ]
+        self._offsets: dict[int, list[int]] = {}
+
+    def answer(self) -> tuple[int, bytes]:
+        """Status and body of the non-streaming answer."""
+        generation = self.generation
+        if generation.error_after is not None:
+            return generation.error_code, self._error()
+        choices: list[dict[str, Any]] = []
+        for index, tokens in enumerate(self._tokens):
+            text = "".join(tokens)
+            logprobs = None
+            if generation.kind == "completion":
+                if generation.logprobs is not None:
+                    logprobs = self._completion_logprobs(index, tokens)
+                choices.append(
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "stop"}
+                )
+                continue
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if generation.tools:
+                arguments = json.dumps({"text": text})
+                message["content"] = None
+                message["tool_calls"] = [
+                    {
+                        "id": self._call_id(index, number),
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                    for number, name in enumerate(generation.tools)
+                ]
+            elif generation.logprobs is not None:
+                content = [self._chat_logprob(index, i, t) for i, t in enumerate(tokens)]
+                logprobs = {"content": content}
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": self._finish_reason,
+                }
+            )
+        obj = "chat.completion" if generation.kind == "chat" else "text_completion"
+        answer = {**self._head, "object": obj, "choices": choices, "usage": generation.usage}
+        return 200, json.dumps(answer, separators=(",", ":")).encode()
+
+    def stream(self) -> tuple[list[bytes], bytes]:
+        """The events sent one token apart (each choice's next chunk), and the end of the stream:
+        the finish chunks, the usage, ``[DONE]``; or the error event."""
+        generation = self.generation
+        per_choice = [self._items(index) for index in range(generation.n)]
+        steps: list[bytes] = []
+        for step in range(max(map(len, per_choice), default=0)):
+            if generation.error_after is not None and step >= generation.error_after:
+                break
+            steps.append(b"".join(items[step] for items in per_choice if step < len(items)))
+        if generation.error_after is not None:
+            return steps, b"data: " + self._error() + b"\n\n"
+        chunk = "chat.completion.chunk" if generation.kind == "chat" else "text_completion"
+        head = {**self._head, "object": chunk}
+        ends = []
+        for index in range(generation.n):
+            if generation.kind == "chat":
+                choice = {"index": index, "delta": {}, "logprobs": None}
+            else:
+                choice = {"index": index, "text": "", "logprobs": None}
+            ends.append({**head, "choices": [{**choice, "finish_reason": self._finish_reason}]})
+        if generation.include_usage:
+            ends.append({**head, "choices": [], "usage": generation.usage})
+        else:
+            ends[-1]["usage"] = generation.usage
+        return steps, b"".join(_event(end) for end in ends) + _DONE
+
+    @property
+    def _finish_reason(self) -> str:
+        return "tool_calls" if self.generation.tools else "stop"
+
+    def _call_id(self, choice: int, number: int) -> str:
+        return f"call-{self.ident}-{choice}-{number}"
+
+    def _error(self) -> bytes:
+        generation = self.generation
+        code = generation.error_code
+        error = {
+            "code": code,
+            "message": f"echo: failed after {generation.error_after} tokens (echo_error_after)",
+            "type": _ERROR_TYPES.get(code, "server_error"),
         }
-    else:
-        obj = "text_completion"
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-    answer = {
-        "id": ident,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": _usage(len(generation.text.split()), generation.count),
-    }
-    return json.dumps(answer, separators=(",", ":")).encode()
+        return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+    def _items(self, index: int) -> list[bytes]:
+        """One choice's chunks, one per token (of its text, or of its calls' arguments)."""
+        generation = self.generation
+        tokens = self._tokens[index]
+        if generation.kind == "completion":
+            chunks = []
+            for position, token in enumerate(tokens):
+                logprobs = None
+                if generation.logprobs is not None:
+                    logprobs = self._completion_logprobs(index, tokens, position)
+                choice = {"index": index, "text": token, "logprobs": logprobs}
+                chunks.append(self._chunk(choice))
+            return chunks
+        deltas: list[tuple[dict[str, Any], Any]] = []
+        if generation.tools:
+            # Pieces of '{"text": "REPLY"}': its escapes are those of each token in turn.
+            pieces = ['{"text": "', *(json.dumps(token)[1:-1] for token in tokens), '"}']
+            for number, name in enumerate(generation.tools):
+                first = {
+                    "index": number,
+                    "id": self._call_id(index, number),
+                    "type": "function",
+                    "function": {"name": name, "arguments": pieces[0]},
+                }
+                deltas.append(({"tool_calls": [first]}, None))
+                deltas.extend(
+                    ({"tool_calls": [{"index": number, "function": {"arguments": piece}}]}, None)
+                    for piece in pieces[1:]
+                )
+            deltas[0] = ({"role": "assistant", "content": None, **deltas[0][0]}, None)
+        else:
+            for position, token in enumerate(tokens):
+                logprobs = None
+                if generation.logprobs is not None:
+                    logprobs = {"content": [self._chat_logprob(index, position, token)]}
+                deltas.append(({"content": token}, logprobs))
+            if deltas:
+                deltas[0] = ({"role": "assistant", **deltas[0][0]}, deltas[0][1])
+        return [
+            self._chunk({"index": index, "delta": delta, "logprobs": logprobs})
+            for delta, logprobs in deltas
+        ]
+
+    def _chunk(self, choice: dict[str, Any]) -> bytes:
+        obj = "chat.completion.chunk" if self.generation.kind == "chat" else "text_completion"
+        return _event({**self._head, "object": obj, "choices": [{**choice, "finish_reason": None}]})
+
+    @staticmethod
+    def _logprob(choice: int, position: int) -> float:
+        """Made up, deterministic, different for neighbouring tokens and choices."""
+        return -0.125 * (1 + (choice + position) % 7)
+
+    def _chat_logprob(self, choice: int, position: int, token: str) -> dict[str, Any]:
+        logprob = self._logprob(choice, position)
+        top = [
+            {"token": name, "logprob": logprob - rank, "bytes": list(name.encode())}
+            for rank, name in enumerate(_alternatives(token, self.generation.logprobs or 0))
+        ]
+        return {
+            "token": token,
+            "logprob": logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": top,
+        }
+
+    def _completion_logprobs(
+        self, choice: int, tokens: list[str], position: int | None = None
+    ) -> dict[str, Any]:
+        """The legacy completions shape, for all tokens or the one at ``position``."""
+        positions = range(len(tokens)) if position is None else range(position, position + 1)
+        starts = self._offsets.get(choice)
+        if starts is None:  # where each token starts in the text, computed once per choice
+            starts = self._offsets[choice] = list(accumulate(map(len, tokens), initial=0))
+        offsets = [starts[i] for i in positions]
+        logprobs = [self._logprob(choice, i) for i in positions]
+        alternatives = self.generation.logprobs or 0
+        return {
+            "tokens": [tokens[i] for i in positions],
+            "token_logprobs": logprobs,
+            "top_logprobs": [
+                {
+                    name: lp - rank
+                    for rank, name in enumerate(_alternatives(tokens[i], alternatives))
+                }
+                for i, lp in zip(positions, logprobs, strict=True)
+            ],
+            "text_offset": offsets,
+        }
+
+
+def _alternatives(token: str, count: int) -> list[str]:
+    """The token itself, then made-up runners-up: ``count`` in all."""
+    return [token, *(f"alt{rank}" for rank in range(1, count))][:count]
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 class _ChunkFormat:
@@ -246,7 +535,8 @@ class _ChunkFormat:
             self._first_head = head + '"role":"assistant","content":'
             self._head = head + '"content":'
             self._tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
-            self._final_head = head + '},"logprobs":null,"finish_reason":"stop"}],"usage":'
+            self._finish = head + '},"logprobs":null,"finish_reason":"stop"}]'
+            obj = "chat.completion.chunk"
         else:
             head = (
                 f'data: {{"id":"{ident}","object":"text_completion","created":{created},'
@@ -254,7 +544,12 @@ class _ChunkFormat:
             )
             self._first_head = self._head = head
             self._tail = ',"logprobs":null,"finish_reason":null}]}\n\n'
-            self._final_head = head + '"","logprobs":null,"finish_reason":"stop"}],"usage":'
+            self._finish = head + '"","logprobs":null,"finish_reason":"stop"}]'
+            obj = "text_completion"
+        self._usage_head = (
+            f'data: {{"id":"{ident}","object":"{obj}","created":{created},'
+            f'"model":{model_json},"choices":[],"usage":'
+        )
         self._cache: dict[str, bytes] = {}
 
     def first(self, token: str) -> bytes:
@@ -266,25 +561,35 @@ class _ChunkFormat:
             chunk = self._cache[token] = (self._head + json.dumps(token) + self._tail).encode()
         return chunk
 
-    def final(self, usage: dict[str, int]) -> bytes:
-        return (self._final_head + json.dumps(usage, separators=(",", ":")) + "}\n\n").encode()
+    def final(self, usage: dict[str, int], *, separate: bool = False) -> bytes:
+        """The chunk with ``finish_reason`` and the usage; ``separate``: the usage in a chunk
+        of its own after it, as OpenAI sends it for ``stream_options.include_usage``."""
+        usage_json = json.dumps(usage, separators=(",", ":"))
+        if separate:
+            return (self._finish + "}\n\n" + self._usage_head + usage_json + "}\n\n").encode()
+        return (self._finish + ',"usage":' + usage_json + "}\n\n").encode()
 
 
 # --------------------------------------------------------------------------------------------
 # The ASGI adapter
 
 
-async def _send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
+async def _start_json(send: ASGISendCallable, status: int, length: int) -> None:
+    """The head of a JSON answer of ``length`` bytes."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(length).encode()),
             ],
         }
     )
+
+
+async def _send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
+    await _start_json(send, status, len(body))
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -476,7 +781,9 @@ class EchoApp:
             last_body = b""
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watcher.run, nursery.cancel_scope)
-                if generation.stream:
+                # An error before the stream (echo_error_after 0) is an HTTP status, as
+                # llama-server answers when a streamed task fails before its first token.
+                if generation.stream and generation.error_after != 0:
                     last_body = await self._stream(generation, ident, send)
                 else:
                     last_body = await self._compute(generation, ident, send)
@@ -499,38 +806,46 @@ class EchoApp:
     async def _compute(self, generation: _Generation, ident: str, send: ASGISendCallable) -> bytes:
         """Sleeps as long as the whole generation takes, sends the headers, returns the body."""
         options = self.options
-        delay = options.response_delay + options.token_delay * generation.count
+        tokens = generation.count
+        if generation.error_after is not None:
+            tokens = min(tokens, generation.error_after)
+        delay = options.response_delay + options.token_delay * tokens
         if delay > 0:
             await trio.sleep(delay)
-        body = _answer(generation, ident, int(time.time()), options.model_name)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        reply = _Reply(generation, ident, int(time.time()), options.model_name)
+        status, body = reply.answer()
+        await _start_json(send, status, len(body))
         return body
 
     async def _stream(self, generation: _Generation, ident: str, send: ASGISendCallable) -> bytes:
-        """Sends the headers and one chunk per token; returns the final chunk and ``[DONE]``."""
+        """Sends the headers and one chunk per token (per choice); returns the stream's end."""
+        options = self.options
+        if generation.include_usage and options.response_delay > 0:
+            # Likely a non-streaming request that trioserve relays as a stream: see the
+            # module's docstring.
+            await trio.sleep(options.response_delay)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        chunks = _ChunkFormat(generation.kind, ident, int(time.time()), self._model_json)
-        delay = self.options.token_delay
-        crash_after = self.options.crash_after
-        for index, token in enumerate(reply_tokens(generation.text, generation.count)):
+        created = int(time.time())
+        events: Iterable[bytes]
+        if generation.plain:
+            chunks = _ChunkFormat(generation.kind, ident, created, self._model_json)
+            events = (
+                chunks.first(token) if index == 0 else chunks.token(token)
+                for index, token in enumerate(reply_tokens(generation.text, generation.count))
+            )
+            end = chunks.final(generation.usage, separate=generation.include_usage) + _DONE
+        else:
+            events, end = _Reply(generation, ident, created, options.model_name).stream()
+        delay = options.token_delay
+        crash_after = options.crash_after
+        for chunk in events:
             if delay > 0:
                 await trio.sleep(delay)
-            chunk = chunks.first(token) if index == 0 else chunks.token(token)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self._chunks_sent += 1
             if crash_after is not None and self._chunks_sent >= crash_after:
                 os._exit(1)  # abrupt on purpose: no cleanup, as a segfaulting llama-server
-        usage = _usage(len(generation.text.split()), generation.count)
-        return chunks.final(usage) + _DONE
+        return end
 
 
 def build_app(options: EchoOptions) -> EchoApp:
@@ -631,7 +946,8 @@ def parse_args(argv: Iterable[str] | None = None) -> EchoOptions:
         "--response-delay",
         type=_seconds,
         default=0.0,
-        help="extra seconds a non-streaming answer waits, as a slow LLM call",
+        help="extra seconds a non-streaming answer waits, as a slow LLM call (also a streamed "
+        "one that asks for usage: how trioserve relays a non-streaming request)",
     )
     parser.add_argument("--model-name", default="echo", help="model id in answers (default: echo)")
     args = parser.parse_args(None if argv is None else list(argv))

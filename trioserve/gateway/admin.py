@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
@@ -13,10 +13,12 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from trioserve.config import Config
 from trioserve.errors import InvalidApiKey, InvalidRequest, TrioserveError
 from trioserve.gateway.asgi import bearer_ok
+from trioserve.gateway.identity import ANONYMOUS_NAME
 from trioserve.gateway.metrics import Metrics
+from trioserve.gateway.usage import UsageBook
+from trioserve.reload import Reloader, ReloadRefused
 from trioserve.supervision.supervisor import Supervisor
 
 __all__ = ["build_admin_app"]
@@ -30,26 +32,56 @@ def _error_response(error: TrioserveError) -> Response:
     return Response(error.body_bytes(), status=error.status, headers=headers)
 
 
+def users_status(supervisor: Supervisor, usage: UsageBook) -> dict[str, dict[str, int]]:
+    """Per user (configured names, everyone else as "anonymous"): in flight and queued over
+    all models now, requests and tokens since the daemon started."""
+    users = {
+        name: {
+            "in_flight": 0,
+            "queued": 0,
+            "requests": totals.requests,
+            "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens,
+        }
+        for name, totals in usage.totals.items()
+    }
+    for model in supervisor.models.values():
+        for name, counts in model.admission.users().items():
+            entry = users.get(name) or users[ANONYMOUS_NAME]
+            entry["in_flight"] += counts["in_flight"]
+            entry["queued"] += counts["queued"]
+    return users
+
+
+def _queued_by_user(supervisor: Supervisor, model: str) -> dict[str, int]:
+    counts = supervisor.models[model].admission.users()
+    return {name: each["queued"] for name, each in counts.items() if each["queued"]}
+
+
 def build_admin_app(
-    config: Config,
+    reloader: Reloader,
     supervisor: Supervisor,
     metrics: Metrics,
+    usage: UsageBook,
     *,
     instance: str,
     started_at: float,
     version: str,
     pid: int,
 ) -> QuartTrio:
+    """The admin app. Its config is ``reloader.config``, read per request: a reload is in
+    force for the next request."""
     app = QuartTrio(__name__)
-    server = config.server
 
     @app.before_request
     async def _auth() -> Response | None:
         path = request.path
+        config = reloader.config
+        keys: Sequence[str]
         if path.startswith("/admin/"):
-            keys = server.admin_keys
+            keys = config.server.admin_keys
         elif path.startswith("/v1/"):
-            keys = server.api_keys
+            keys = config.all_api_keys
         else:
             return None
         if not bearer_ok(request.scope, keys):  # type: ignore[arg-type]
@@ -77,7 +109,7 @@ def build_admin_app(
     async def list_models() -> dict[str, Any]:
         status = supervisor.status()
         data = []
-        for name, model in config.models.items():
+        for name, model in reloader.config.models.items():
             for each in [name, *model.aliases]:
                 data.append(
                     {
@@ -85,7 +117,7 @@ def build_admin_app(
                         "object": "model",
                         "created": int(started_at),
                         "owned_by": "trioserve",
-                        "state": status[name]["state"],
+                        "state": status[name].state.value,
                     }
                 )
         return {"object": "list", "data": data}
@@ -98,8 +130,22 @@ def build_admin_app(
             "instance": instance,
             "started_at": started_at,
             "uptime_s": round(time.time() - started_at, 3),
-            "models": supervisor.status(),
+            "last_reload": reloader.last.as_dict() if reloader.last is not None else None,
+            "users": users_status(supervisor, usage),
+            "models": {
+                name: {**model.as_dict(), "queued_by_user": _queued_by_user(supervisor, name)}
+                for name, model in supervisor.status().items()
+            },
         }
+
+    @app.post("/admin/reload")
+    async def reload() -> Response:
+        try:
+            plan = await reloader.reload()
+        except ReloadRefused as exc:
+            refused = InvalidRequest(f"reload refused, nothing changed: {exc}")
+            return _error_response(refused)
+        return Response(json.dumps(plan.as_dict()), content_type="application/json")
 
     @app.post("/admin/models/<name>/load")
     async def load(name: str) -> dict[str, Any]:

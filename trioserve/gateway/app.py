@@ -12,8 +12,7 @@ from typing import Any
 import trio
 
 from trioserve.config import Config
-from trioserve.errors import InvalidApiKey
-from trioserve.gateway.asgi import Message, Receive, Scope, Send, bearer_ok, send_error
+from trioserve.gateway.asgi import Message, Receive, Scope, Send
 from trioserve.gateway.relay import Relay, RelayPaths
 
 __all__ = ["Gateway"]
@@ -41,9 +40,7 @@ class Gateway:
                 await send({"type": "http.response.body", "body": _HEALTH_BODY})
                 return
             if path in RelayPaths and scope["method"] == "POST":
-                if not bearer_ok(scope, self.config.server.api_keys):
-                    await send_error(send, InvalidApiKey())
-                    return
+                # The relay checks the key (and learns whose it is) before reading the body.
                 await self.relay(scope, receive, send)
                 return
         if scope["type"] != "http":

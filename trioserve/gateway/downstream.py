@@ -1,25 +1,29 @@
 """The client side of one relayed request: the response head, then the body in as few sends as
-the upstream reads allow.
+the upstream reads allow, and an error told the one way the response's state still allows.
 
 Sends are made from the request's own task. That is safe because the gateway's connection
-(``http_server.LeanTCPServer``) makes a send that cannot be cancelled half-way: Hypercorn updates
-h11's state before it writes, so an interrupted send would leave the connection unusable.
+(``trioserve.server.hypercorn_serve.LeanTCPServer``) makes a send that cannot be cancelled
+half-way: Hypercorn updates h11's state before it writes, so an interrupted send would leave
+the connection unusable.
 
-Batching: body bytes are held in ``pending`` and sent by ``flush``. The relay calls ``flush``
-just before each upstream read (``upstream.LeanStream.before_read``): everything one upstream
-read brought goes to the client in one send, however many chunks it held, and nothing waits
-longer than it takes to parse them.
+Batching: the relay calls ``send_body`` once per upstream read, with everything that read
+brought (``UpstreamResponse.receive_some``), so one send carries however many chunks the read
+held, and nothing waits longer than it takes to parse them. ``write`` + ``flush`` hold bytes
+for a later send (progress comments, the error event).
 """
 
 from __future__ import annotations
 
 import trio
 
-from trioserve.gateway.asgi import Send
+from trioserve.errors import TrioserveError
+from trioserve.gateway.asgi import Send, send_error
 
 __all__ = ["Downstream"]
 
 Headers = list[tuple[bytes, bytes]]
+# Longest a failed request's answer to its client may take: the send is shielded.
+FAIL_SEND_LIMIT = 5.0
 
 
 class Downstream:
@@ -61,5 +65,36 @@ class Downstream:
         # send, in order.
         data = bytes(self._pending)
         self._pending.clear()
+        await self._send_body(data)
+
+    async def send_body(self, data: bytes) -> None:
+        """``write(data)`` then ``flush()``, without copying ``data`` when nothing is held."""
+        if self._pending or not self._head_done.is_set():
+            self.write(data)
+            await self.flush()
+        elif data:
+            await self._send_body(data)
+
+    async def _send_body(self, data: bytes) -> None:
         self.at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def fail(self, error: TrioserveError) -> None:
+        """Tell the client about ``error`` as far as what was sent allows (shielded, bounded)."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FAIL_SEND_LIMIT):
+            if not self.started:
+                self.status = error.status
+                await send_error(self.send, error)
+            elif not self.is_event_stream:
+                # A plain body with a Content-Length is on its way: there is no way to say
+                # "error" inside it. Sending nothing more makes Hypercorn close the connection,
+                # so the client sees a truncated answer rather than corrupt JSON.
+                return
+            else:
+                # A stream has begun: its last chunks, one last event with the error, the end.
+                # After a model that died mid-event, the error starts an event of its own.
+                await self.flush()
+                separator = b"" if self.at_event_boundary else b"\n\n"
+                self.write(separator + b"data: " + error.body_bytes() + b"\n\n")
+                await self.flush()
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})

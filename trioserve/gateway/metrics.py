@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from trioserve.supervision.model import ModelStatus
 
 __all__ = ["Metrics"]
 
@@ -18,7 +19,7 @@ class _ModelCollector(Collector):
     """In-flight, queued and state gauges, read from the supervisor at scrape time, so the hot
     path never updates a gauge."""
 
-    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def __init__(self, status: Callable[[], Mapping[str, ModelStatus]]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -33,10 +34,10 @@ class _ModelCollector(Collector):
             "trioserve_model_state", "1 for the model's current state", labels=["model", "state"]
         )
         for name, info in status.items():
-            in_flight.add_metric([name], info["in_flight"])
-            queued.add_metric([name], info["queued"])
+            in_flight.add_metric([name], info.in_flight)
+            queued.add_metric([name], info.queued)
             for each in _STATES:
-                state.add_metric([name, each], 1.0 if info["state"] == each else 0.0)
+                state.add_metric([name, each], 1.0 if info.state.value == each else 0.0)
         yield in_flight
         yield queued
         yield state
@@ -44,50 +45,41 @@ class _ModelCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "trioserve_requests",
-            "Relayed requests by model and HTTP status",
-            ["model", "status"],
-            registry=self.registry,
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, labels, registry=registry)
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, ["model"], registry=registry, buckets=buckets)
+
+        self.requests = counter(
+            "trioserve_requests", "Relayed requests by model and HTTP status", "model", "status"
         )
-        self.duration = Histogram(
+        self.duration = histogram(
             "trioserve_request_duration_seconds",
             "Whole request duration",
-            ["model"],
-            registry=self.registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
         )
-        self.ttfb = Histogram(
+        self.ttfb = histogram(
             "trioserve_time_to_first_byte_seconds",
             "From request arrival to the first upstream byte (queue and start included)",
-            ["model"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180),
+            (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180),
         )
-        self.errors = Counter(
-            "trioserve_errors",
-            "Error answers by model and code",
-            ["model", "code"],
-            registry=self.registry,
+        self.errors = counter(
+            "trioserve_errors", "Error answers by model and code", "model", "code"
         )
-        self.starts = Counter(
-            "trioserve_model_starts", "Model processes spawned", ["model"], registry=self.registry
+        self.starts = counter("trioserve_model_starts", "Model processes spawned", "model")
+        self.failures = counter(
+            "trioserve_model_failures", "Failed starts, crashes and hangs", "model"
         )
-        self.failures = Counter(
-            "trioserve_model_failures",
-            "Failed starts, crashes and hangs",
-            ["model"],
-            registry=self.registry,
-        )
-        self.upstream_cancellations = Counter(
+        self.upstream_cancellations = counter(
             "trioserve_upstream_cancellations",
             "Upstream requests aborted because the client left or a deadline passed",
-            ["model"],
-            registry=self.registry,
+            "model",
         )
 
-    def watch_models(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def watch_models(self, status: Callable[[], Mapping[str, ModelStatus]]) -> None:
         self.registry.register(_ModelCollector(status))
 
     def finished(self, model: str, status: int, seconds: float) -> None:

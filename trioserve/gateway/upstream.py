@@ -1,206 +1,320 @@
-"""Upstream connections for the relay: a keep-alive pool whose every operation is O(1).
+"""The relay's side towards the model servers: HTTP/1.1 over our own sockets, with h11.
 
-httpcore's own pool walks all its connections on every request and on every response close,
-and probes each idle one with a ``poll()``: with 1,000 streams open that walk was 60% of the
-daemon's CPU (py-spy, ``bench/load.py --only b --profile DIR``). The relay needs nothing that
-walk buys — no HTTP/2, no proxies, no queueing inside the pool, since admission already bounds
-the requests per model — so a request takes the most recently used idle connection to its
-backend, or opens a new one, and gives it back when its response is closed. The connections
-themselves are httpcore's, and httpx does everything around them.
+h11 does no I/O; this module owns each connection the way h11's ``examples/trio-server.py``
+does (read, ``receive_data``, ``next_event``, ``send``, write), which lets it do what a client
+library would not let the relay do:
+
+- A response body is read one socket read at a time, and each ``receive_some`` returns
+  everything that read brought (all its chunks joined): the relay sends it to its client in
+  one send, so one upstream read costs one client send, however many tokens it carried.
+- Reads are lean: after a read that drained the socket, wait first and read once (trio's
+  ``receive_some`` tries, waits, reads and checkpoints again): per relayed chunk one syscall
+  and one trip through the scheduler fewer.
+- The keep-alive pool is O(1): a request takes the most recently used idle connection to its
+  backend, or opens one. (httpcore's pool walked every connection, with a ``poll()`` each, on
+  every request and close: 60 % of the daemon's CPU with 1,000 streams open.) Admission
+  already bounds the requests per model, so the pool never queues.
+
+A response not read to its end closes its connection: that close is what tells the backend to
+stop generating. The relay's cancel scopes are the deadlines; nothing here times out.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import TYPE_CHECKING
 
-import httpcore
-import httpx
+import h11
 import trio
 
-__all__ = ["KeepAlivePool", "LeanStream", "upstream_client"]
+from trioserve.errors import UpstreamError
 
-_Key = tuple[bytes, bytes, int]
+if TYPE_CHECKING:
+    from trioserve.supervision.model import Endpoint
+
+__all__ = ["KeepAlivePool", "UpstreamConnection", "UpstreamResponse"]
+
+# As much as one read takes: 64 KiB, as httpcore read.
+READ_SIZE = 65536
+# Besides Host and Content-Length. No Accept-Encoding: a compressed answer would be relayed
+# without its Content-Encoding. Nothing else either: no cookies, nothing of one user's
+# exchange reaches another's.
+_UPSTREAM_HEADERS = [(b"content-type", b"application/json")]
+# Copied from the upstream response; hop-by-hop and length headers are the gateway's to set.
+_PASSED_HEADERS = frozenset({b"content-type", b"cache-control", b"x-request-id"})
+
+_Key = tuple[str, int]
+# Looked up once, not per event of the body loop.
+_Data, _EndOfMessage, _NEED_DATA = h11.Data, h11.EndOfMessage, h11.NEED_DATA
 
 
-class LeanStream(httpcore.AsyncNetworkStream):
-    """A trio stream for httpcore that reads with fewer syscalls and scheduler trips.
+class _ClosedBeforeAnswer(Exception):
+    """The backend closed the connection before any byte of a response: the request was not
+    processed, so it may be sent again."""
 
-    httpcore's own ``TrioStream`` enters a cancel scope and two context managers per read and
-    write; the relay's deadlines are its own cancel scopes, so httpcore is never given a
-    timeout. And trio's ``receive_some`` first tries ``recv`` (which fails while the backend is
-    still generating), then waits, then receives and checkpoints once more. After a read that
-    drained the socket, this waits first and receives once, and the wait is the checkpoint:
-    per relayed chunk one syscall and one trip through the scheduler fewer.
 
-    ``before_read``, when set, is awaited before each read: the relay sends the client what
-    the previous read brought (h11 reads only once every event of the last read was taken).
-    """
+class UpstreamConnection:
+    """One HTTP/1.1 connection to a backend: a trio socket and h11's client-side state."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._stream = stream
-        # Nothing is there yet when a response is first read: the request was just sent.
+    __slots__ = ("_drained", "h11", "idle_until", "key", "sock")
+
+    def __init__(self, key: _Key, sock: trio.socket.SocketType) -> None:
+        self.key = key
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+        # Nothing is there to read before a request was sent.
         self._drained = True
-        self.before_read: Callable[[], Awaitable[None]] | None = None
+        self.idle_until = 0.0
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore interface)
-        assert timeout is None, "the relay's cancel scopes are the deadlines"
-        if self.before_read is not None:
-            await self.before_read()
-        sock = self._stream.socket
-        waited = False
+    @classmethod
+    async def open(cls, endpoint: Endpoint) -> UpstreamConnection:
         try:
-            while True:
-                if self._drained:
-                    await trio.lowlevel.wait_readable(sock)
-                    waited = True
-                try:
-                    # fileno() each time: -1 (EBADF) once closed, never another connection's.
-                    data = os.read(sock.fileno(), max_bytes)
-                    break
-                except BlockingIOError:
-                    self._drained = True
-        except (OSError, trio.ClosedResourceError) as exc:
-            raise httpcore.ReadError(exc) from exc
+            stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise UpstreamError(
+                f"model {endpoint.model!r} refused the request: {_reason(exc)}"
+            ) from exc
+        return cls((endpoint.host, endpoint.port), stream.socket)
+
+    def alive(self, now: float) -> bool:
+        """Idle, not expired, and not closed by the backend: one ``poll()`` of this socket (a
+        readable idle socket is at its end, or holds bytes nobody asked for)."""
+        return now < self.idle_until and not self.sock.is_readable()
+
+    def close(self) -> None:
+        # trio's close tells any task waiting on it; it needs no await.
+        self.sock.close()
+
+    async def write(self, data: bytes) -> None:
+        # A request (head and body) nearly always fits the socket at once: one write, and no
+        # checkpoint, since the read of the answer that follows is one.
+        view = memoryview(data)
+        while view:
+            try:
+                # fileno() each time: -1 (EBADF) once closed, never another connection's.
+                sent = os.write(self.sock.fileno(), view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            view = view[sent:]
+        self._drained = True
+
+    async def read(self) -> bytes:
+        """What one read brings (``b""`` at the end); waits first if the last read drained
+        the socket, and is a checkpoint either way."""
+        sock = self.sock
+        waited = False
+        while True:
+            if self._drained:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+            try:
+                data = os.read(sock.fileno(), READ_SIZE)
+                break
+            except BlockingIOError:
+                self._drained = True
         if not waited:
             # Data was already there: still a checkpoint, as every trio read is.
             await trio.lowlevel.checkpoint()
-        self._drained = len(data) < max_bytes
+        self._drained = len(data) < READ_SIZE
         return data
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore interface)
-        assert timeout is None, "the relay's cancel scopes are the deadlines"
-        if not buffer:
-            return
-        # A request (head and body) nearly always fits the socket at once: one write, and no
-        # checkpoint, since the read of the answer that follows is one. What did not fit goes
-        # trio's way.
-        sent = 0
-        try:
-            sent = os.write(self._stream.socket.fileno(), buffer)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise httpcore.WriteError(exc) from exc
-        if sent == len(buffer):
-            return
-        try:
-            await self._stream.send_all(buffer[sent:])
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise httpcore.WriteError(exc) from exc
 
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+class UpstreamResponse:
+    """A backend's answer: status and passed headers at once, then the body, one socket read
+    at a time. ``close()`` gives the connection back to the pool when the answer was read to
+    its end, and closes it otherwise."""
 
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            return self._stream.socket.is_readable()
-        if info == "socket":
-            return self._stream.socket
-        return None
+    __slots__ = (
+        "_answered",
+        "_connection",
+        "_ended",
+        "_model",
+        "_parsed",
+        "_pool",
+        "headers",
+        "status",
+    )
 
-
-class _LeanBackend(httpcore.TrioBackend):
-    async def connect_tcp(
+    def __init__(
         self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore interface)
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+        head: h11.Response,
+        connection: UpstreamConnection,
+        pool: KeepAlivePool,
+        model: str,
+    ) -> None:
+        self.status = head.status_code
+        self.headers = [
+            (name, value)
+            for name, value in head.headers.raw_items()
+            if name.lower() in _PASSED_HEADERS
+        ]
+        self._connection: UpstreamConnection | None = connection
+        self._pool = pool
+        self._model = model
+        self._answered = False
+        self._ended = False
+        # Everything h11 holds was parsed. Not yet: the head's read may have brought body bytes.
+        self._parsed = False
+
+    @property
+    def is_event_stream(self) -> bool:
+        return any(
+            name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+            for name, value in self.headers
+        )
+
+    async def receive_some(self) -> bytes:
+        """Everything of the body the next socket read brought (body bytes the head's read
+        brought come first, without a read); ``b""`` once the body has ended."""
+        if self._ended:
+            return b""
+        connection = self._connection
+        assert connection is not None, "response already closed"
+        state = connection.h11
         try:
-            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
-        except OSError as exc:
-            raise httpcore.ConnectError(exc) from exc
-        return LeanStream(stream)
+            while True:
+                if self._parsed:
+                    # h11 holds nothing more: what comes next needs a read.
+                    state.receive_data(await connection.read())
+                data = self._take_events(state)
+                self._parsed = True
+                if data or self._ended:
+                    self._answered = True
+                    return data
+        except (OSError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
+            raise UpstreamError(self._broken(exc)) from exc
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.receive_some()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    def _take_events(self, state: h11.Connection) -> bytes:
+        """All body bytes h11 can parse from what it holds, joined."""
+        parts: list[bytes] = []
+        while True:
+            event = state.next_event()
+            if type(event) is _Data:
+                parts.append(event.data)
+            elif event is _NEED_DATA:
+                return b"".join(parts)
+            elif type(event) is _EndOfMessage:
+                self._ended = True
+                return b"".join(parts)
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {event!r}")
+
+    def _broken(self, exc: BaseException) -> str:
+        if not self._answered:
+            return f"model {self._model!r} closed the connection before answering: {_reason(exc)}"
+        what = "stream" if self.is_event_stream else "connection"
+        return f"model {self._model!r} closed the {what} mid-answer: {_reason(exc)}"
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        state = connection.h11
+        if (
+            state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not state.trailing_data[0]
+        ):
+            state.start_next_cycle()
+            self._pool.give_back(connection)
+        else:
+            connection.close()
 
 
 class KeepAlivePool:
-    """Idle connections per backend, most recently used first. Active connections belong to
-    their responses, which close them or give them back."""
+    """Idle connections per backend, most recently used last. A connection in use belongs to
+    its response, which gives it back or closes it."""
 
     def __init__(self, max_idle_per_backend: int, keepalive_expiry: float) -> None:
         self._max_idle = max_idle_per_backend
         self._expiry = keepalive_expiry
-        self._idle: dict[_Key, list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[_Key, list[UpstreamConnection]] = {}
         self._closed = False
-        self._backend = _LeanBackend()
 
     @property
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        origin = request.url.origin
-        key = (origin.scheme, origin.host, origin.port)
-        connection = await self._take_idle(key)
-        if connection is None:
-            connection = httpcore.AsyncHTTPConnection(
-                origin=origin, keepalive_expiry=self._expiry, network_backend=self._backend
-            )
+    async def request(self, endpoint: Endpoint, path: str, body: bytes) -> UpstreamResponse:
+        """POST ``body`` (JSON) to ``path`` on ``endpoint``; returns once the response head is
+        in. The caller must ``close()`` the response."""
+        connection = self._take_idle((endpoint.host, endpoint.port))
+        if connection is not None:
+            try:
+                return await self._exchange(connection, endpoint, path, body)
+            except _ClosedBeforeAnswer:
+                # A connection the backend closed while it was idle (llama-server closes after
+                # every stream, yet advertises keep-alive): the request was not processed, so
+                # once more on a fresh connection is safe.
+                pass
+        connection = await UpstreamConnection.open(endpoint)
         try:
-            response = await connection.handle_async_request(request)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await connection.aclose()
-            raise
-        assert hasattr(response.stream, "aclose")
-        network = response.extensions.get("network_stream")
-        return httpcore.Response(
-            status=response.status,
-            headers=response.headers,
-            content=_GivenBack(
-                response.stream,
-                connection,
-                key,
-                self,
-                network if isinstance(network, LeanStream) else None,
-            ),
-            extensions=response.extensions,
-        )
+            return await self._exchange(connection, endpoint, path, body)
+        except _ClosedBeforeAnswer as exc:
+            raise UpstreamError(f"model {endpoint.model!r} closed the connection: {exc}") from None
 
-    async def _take_idle(self, key: _Key) -> httpcore.AsyncHTTPConnection | None:
+    async def _exchange(
+        self, connection: UpstreamConnection, endpoint: Endpoint, path: str, body: bytes
+    ) -> UpstreamResponse:
+        try:
+            await _send_request(connection, _request_bytes(connection.h11, endpoint, path, body))
+            head = await _receive_head(connection)
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, OSError | trio.ClosedResourceError | h11.ProtocolError):
+                raise UpstreamError(
+                    f"model {endpoint.model!r} closed the connection: {_reason(exc)}"
+                ) from exc
+            raise
+        return UpstreamResponse(head, connection, self, endpoint.model)
+
+    def _take_idle(self, key: _Key) -> UpstreamConnection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = trio.current_time()
         while idle:
             connection = idle.pop()
-            # One poll() of this one socket: a backend that closed it (llama-server does after
-            # every stream) or an expired keep-alive is dropped here.
-            if connection.is_idle() and not connection.has_expired():
+            if connection.alive(now):
                 return connection
-            with trio.CancelScope(shield=True):
-                await connection.aclose()
+            connection.close()
         return None
 
-    async def give_back(self, key: _Key, connection: httpcore.AsyncHTTPConnection) -> None:
-        # A response not read to its end has closed its connection already: that close is
-        # what tells the backend to stop generating.
-        if connection.is_idle() and not self._closed:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self._max_idle:
-                idle.append(connection)
-                return
-        await connection.aclose()
+    def give_back(self, connection: UpstreamConnection) -> None:
+        """Keep a connection whose exchange is complete (h11 in ``IDLE``) for the next request."""
+        idle = None if self._closed else self._idle.setdefault(connection.key, [])
+        if idle is None or len(idle) >= self._max_idle:
+            connection.close()
+            return
+        connection.idle_until = trio.current_time() + self._expiry
+        idle.append(connection)
 
     async def sweep(self) -> None:
         """Close idle connections whose backend went away (e.g. a model that stopped), so
         none of them waits in CLOSE_WAIT until it would have been reused."""
-        # Chosen without awaiting, so a connection given back meanwhile is never lost.
-        dead: list[httpcore.AsyncHTTPConnection] = []
+        now = trio.current_time()
         for key, idle in list(self._idle.items()):
-            alive: list[httpcore.AsyncHTTPConnection] = []
+            alive: list[UpstreamConnection] = []
             for connection in idle:
-                usable = connection.is_idle() and not connection.has_expired()
-                (alive if usable else dead).append(connection)
+                if connection.alive(now):
+                    alive.append(connection)
+                else:
+                    connection.close()
             if alive:
                 self._idle[key] = alive
             else:
                 del self._idle[key]
-        with trio.CancelScope(shield=True):
-            for connection in dead:
-                await connection.aclose()
+        await trio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> KeepAlivePool:
         return self
@@ -209,67 +323,68 @@ class KeepAlivePool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        # Often reached while the daemon is being cancelled: every connection must still be
-        # closed (each close ends in a checkpoint that would raise Cancelled).
+        """Close every idle connection; later ones given back are closed too. Often reached
+        while the daemon is being cancelled: the closes need no await, so all of them happen
+        before the checkpoint that may raise ``Cancelled``."""
         self._closed = True
         idle, self._idle = self._idle, {}
-        with trio.CancelScope(shield=True):
-            for connections in idle.values():
-                for connection in connections:
-                    await connection.aclose()
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+        await trio.lowlevel.checkpoint()
 
 
-class _GivenBack:
-    """A response body that returns its connection to the pool when closed."""
-
-    def __init__(
-        self,
-        stream: Any,
-        connection: httpcore.AsyncHTTPConnection,
-        key: _Key,
-        pool: KeepAlivePool,
-        network: LeanStream | None,
-    ) -> None:
-        self._stream = stream
-        self._connection = connection
-        self._key = key
-        self._pool: KeepAlivePool | None = pool
-        self._network = network
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        # The inner iterator itself: no generator layer of ours per chunk.
-        return self._stream.__aiter__()  # type: ignore[no-any-return]
-
-    async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        if self._network is not None:
-            # The next request on this connection must not send to this one's client.
-            self._network.before_read = None
-        try:
-            await self._stream.aclose()
-        finally:
-            with trio.CancelScope(shield=True):
-                await pool.give_back(self._key, self._connection)
-
-
-class _Transport(httpx.AsyncHTTPTransport):
-    """httpx's transport (request and exception mapping) over ``KeepAlivePool``."""
-
-    def __init__(self, pool: KeepAlivePool) -> None:
-        super().__init__()
-        self._pool = pool  # type: ignore[assignment]
-
-
-def upstream_client(pool: KeepAlivePool) -> httpx.AsyncClient:
-    """The relay's one shared client. Generation can take minutes: the relay's own cancel
-    scopes are the deadlines, so httpx's are off."""
-    return httpx.AsyncClient(
-        transport=_Transport(pool),
-        trust_env=False,
-        timeout=httpx.Timeout(None),
-        # One client serves every user: a cookie one backend answer sets must never be sent
-        # with another user's request.
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+def _request_bytes(state: h11.Connection, endpoint: Endpoint, path: str, body: bytes) -> bytes:
+    """The request's head and body, to go out in one write."""
+    head = state.send(
+        h11.Request(
+            method=b"POST",
+            target=path.encode(),
+            headers=[
+                (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
+                *_UPSTREAM_HEADERS,
+                (b"content-length", str(len(body)).encode()),
+            ],
+        )
     )
+    data = state.send_with_data_passthrough(h11.Data(data=body)) or []
+    end = state.send(h11.EndOfMessage())
+    assert head is not None and not end  # Content-Length framing: nothing after the body
+    return b"".join([head, *data])
+
+
+async def _send_request(connection: UpstreamConnection, data: bytes) -> None:
+    try:
+        await connection.write(data)
+    except (OSError, trio.ClosedResourceError) as exc:
+        # Nothing of an answer yet: for a pooled connection, the backend closed it idle.
+        raise _ClosedBeforeAnswer(_reason(exc)) from exc
+
+
+async def _receive_head(connection: UpstreamConnection) -> h11.Response:
+    state = connection.h11
+    received = False
+    while True:
+        event = state.next_event()
+        if type(event) is h11.Response:
+            return event
+        if type(event) is h11.InformationalResponse:
+            continue  # 100 Continue and friends: the answer follows
+        if event is not h11.NEED_DATA:
+            raise h11.RemoteProtocolError(f"unexpected {event!r} before the response head")
+        try:
+            data = await connection.read()
+        except (OSError, trio.ClosedResourceError) as exc:
+            if received:
+                raise
+            raise _ClosedBeforeAnswer(_reason(exc)) from exc
+        if not data and not received:
+            raise _ClosedBeforeAnswer("it closed the connection without sending a response")
+        received = True
+        state.receive_data(data)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -6,6 +6,7 @@ newline-separated ``KEY=value`` fields per message, so libsystemd is not needed.
 
 Nothing here raises because systemd went away: a daemon serving models must keep
 serving even if the notify socket vanished (e.g. during ``systemctl daemon-reexec``).
+Children never see these variables: ``trioserve.supervision.process.child_env`` removes them.
 """
 
 from __future__ import annotations
@@ -18,17 +19,9 @@ from dataclasses import dataclass
 
 import trio
 
-__all__ = [
-    "NOTIFY_ENV_VARS",
-    "SystemdNotifier",
-    "scrub_child_env",
-]
+__all__ = ["SystemdNotifier"]
 
 logger = logging.getLogger(__name__)
-
-#: Variables systemd gives the service; a child inheriting them could ping or
-#: report READY on the daemon's behalf, so they are removed from children's env.
-NOTIFY_ENV_VARS: tuple[str, ...] = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 # systemd drains its notify socket at once; a peer whose queue stays full this long
 # is wedged or gone, and waiting longer would only hold up the caller (e.g. the
@@ -161,15 +154,6 @@ class SystemdNotifier:
             logger.warning("sd_notify: could not send %r to %r: %s", payload, self.address, exc)
         finally:
             sock.close()
-
-
-def scrub_child_env(env: dict[str, str]) -> dict[str, str]:
-    """Return a copy of ``env`` without ``NOTIFY_SOCKET``, ``WATCHDOG_USEC``, ``WATCHDOG_PID``.
-
-    A model server inheriting them could send READY/WATCHDOG on the daemon's behalf
-    (or be rejected noisily by ``NotifyAccess=main``).
-    """
-    return {key: value for key, value in env.items() if key not in NOTIFY_ENV_VARS}
 
 
 def _parse_notify_socket(value: str) -> bytes | None:

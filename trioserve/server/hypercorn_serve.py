@@ -1,7 +1,21 @@
-"""Hypercorn for the gateway: limits that keep slow or hostile clients cheap, and ``serve``."""
+"""Everything trioserve knows about Hypercorn's insides, in this one module.
+
+Written against Hypercorn 0.18 and pinned to it (``hypercorn>=0.18,<0.19`` in pyproject.toml):
+
+* ``hypercorn_config``: our settings, through Hypercorn's public ``Config``.
+* ``serve``: a fork of ``hypercorn.trio.serve`` and ``hypercorn.trio.run.worker_serve``, which
+  serves on our listeners (``listener.py``: ``/health`` at accept time, a take-over thread).
+* ``LeanTCPServer``: Hypercorn's per-connection ``hypercorn.trio.tcp_server.TCPServer`` with
+  its ``protocol_send`` overridden and ``run`` extended.
+
+``UPSTREAM_FINGERPRINTS`` records the upstream code the fork and the override were written
+against; tests/test_hypercorn_coupling.py fails, naming what changed, when that code or any
+other Hypercorn name used here changes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -21,7 +35,20 @@ from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wra
 from trioserve.config import Config
 from trioserve.server.listener import DirectListener, TakenOverConnections, defer_accept
 
-__all__ = ["LeanTCPServer", "hypercorn_config", "serve"]
+__all__ = ["UPSTREAM_FINGERPRINTS", "LeanTCPServer", "hypercorn_config", "serve"]
+
+# sha256 of ``ast.dump(ast.parse(inspect.getsource(obj)))`` (code, not formatting or comments)
+# of the Hypercorn 0.18.0 code that ``serve`` forks and ``LeanTCPServer`` overrides. When
+# Hypercorn changes one, re-read it, bring ``serve``/``LeanTCPServer`` in line, then update it.
+UPSTREAM_FINGERPRINTS = {
+    "hypercorn.trio.serve": "87123f311753e1f204ef7b5d4bd5ccb8268dbd15b1ac29998936a49618d22a88",
+    "hypercorn.trio.run.worker_serve": (
+        "e7b594d7f26f7269176275af689b892569eb1408f110df8bd25d2014cb65e688"
+    ),
+    "hypercorn.trio.tcp_server.TCPServer": (
+        "ec7cfe8efb2abe78ba7d062f827ff9a9cf8d9d95a0c99e36bc80ae12c55e5f52"
+    ),
+}
 
 # Hypercorn's read_timeout applies to every read of a connection, also while a long response
 # streams and the client rightly sends nothing, so it must outlast any request. Slow request
@@ -77,22 +104,32 @@ class LeanTCPServer(TCPServer):
     """
 
     def __init__(self, *args: Any) -> None:
+        """Hypercorn's ``(app, config, context, state, stream)``."""
         super().__init__(*args)
-        # TLS streams (not used by the gateway) have no plain socket to write to.
-        self._socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        # TLS streams (not used by the gateway) have no plain socket to write to. The name is
+        # ours: Hypercorn's TCPServer has no attribute of that name (the coupling test checks).
+        self._plain_socket = (
+            self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        )
 
     async def run(self) -> None:
+        """Hypercorn's ``run``, then the connection's one reference cycle cut."""
         try:
             await super().run()
         finally:
-            # The connection's objects reference each other (this server, its protocol and
-            # the protocol's bound methods back to it): cut here, they are freed at once by
-            # reference counting instead of piling up for the garbage collector, whose pauses
-            # hold the GIL (and so /health) with 1,000 streams open.
-            vars(self).clear()
+            # Hypercorn's ``run`` sets ``self.protocol`` to a ``ProtocolWrapper`` whose ``send``
+            # is our bound ``protocol_send``: server -> protocol -> bound method -> server, the
+            # one cycle a finished connection keeps (tests/test_hypercorn_coupling.py). Cut,
+            # the connection is freed at once by reference counting instead of waiting for the
+            # garbage collector, whose passes hold the GIL (and so /health) with 1,000 streams
+            # open. Nothing uses ``protocol`` once ``run`` has returned: every task that could
+            # ran in ``run``'s own task group. It is missing when ``run`` ended before it made
+            # the protocol (a client gone before ``getpeername``).
+            with contextlib.suppress(AttributeError):
+                del self.protocol
 
     async def protocol_send(self, event: Event) -> None:
-        if type(event) is not RawData or self._socket is None:
+        if type(event) is not RawData or self._plain_socket is None:
             await super().protocol_send(event)
             return
         data = event.data
@@ -101,7 +138,7 @@ class LeanTCPServer(TCPServer):
             try:
                 # fileno() each time: it is -1 once the stream is closed, and a remembered
                 # number could by then belong to another connection.
-                sent = os.write(self._socket.fileno(), data)
+                sent = os.write(self._plain_socket.fileno(), data)
             except BlockingIOError:
                 pass
             except OSError:
@@ -119,7 +156,7 @@ class LeanTCPServer(TCPServer):
         await self._send_rest(data[sent:])
 
     async def _send_rest(self, data: bytes) -> None:
-        assert self._socket is not None
+        assert self._plain_socket is not None
         rest = memoryview(data)
         with trio.CancelScope(shield=True):
             async with self.send_lock:
@@ -127,7 +164,7 @@ class LeanTCPServer(TCPServer):
                     # The limit is on the client's progress, not on the whole send: a slow
                     # reader of a large answer is fine, a client that takes nothing is not.
                     with trio.move_on_after(SEND_LIMIT) as waiting:
-                        await trio.lowlevel.wait_writable(self._socket)
+                        await trio.lowlevel.wait_writable(self._plain_socket)
                     if waiting.cancelled_caught:
                         log.info(
                             "closing a connection whose client took nothing for %gs", SEND_LIMIT
@@ -136,7 +173,7 @@ class LeanTCPServer(TCPServer):
                         await self.protocol.handle(Closed())
                         return
                     try:
-                        sent = os.write(self._socket.fileno(), rest)
+                        sent = os.write(self._plain_socket.fileno(), rest)
                     except BlockingIOError:
                         continue
                     except (OSError, trio.ClosedResourceError):
@@ -152,10 +189,12 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Hypercorn's ``worker_serve`` for trio, plus a thread that takes the connections the
-    loop is too busy to accept, and answers ``/health`` on them (see ``listener.py``).
+    """A fork of ``hypercorn.trio.serve`` and ``worker_serve`` (see ``UPSTREAM_FINGERPRINTS``).
 
-    The rest is Hypercorn's own: lifespan, ``TCPServer`` per connection, and on shutdown no new
+    What differs from upstream: our listeners (``DirectListener`` and the take-over thread,
+    ``listener.py``) instead of ``trio.SocketListener``, with ``defer_accept``; ``LeanTCPServer``
+    for each connection; no TLS, QUIC or ``max_requests``; ``task_status.started`` once the
+    take-over threads run. The rest is Hypercorn's own: lifespan, and on shutdown no new
     connections, then ``graceful_timeout`` for the ones in flight.
     """
     hyper.set_statsd_logger_class(StatsdLogger)

@@ -67,6 +67,8 @@ _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %
 
 
 class Verdict(Enum):
+    """What a connection's first bytes say it is (the values say when)."""
+
     HEALTH = "a complete /health request"
     OTHER = "anything else, an unfinished /health head included: Hypercorn's"
     GONE = "closed before a byte"
@@ -91,8 +93,8 @@ def classify(peeked: bytes) -> Verdict:
 
 
 def peek(conn: socket.socket) -> tuple[Verdict | None, bytes]:
-    """Classify a non-blocking connection by its first bytes (None when none arrived yet),
-    and return those bytes."""
+    """Classify a non-blocking connection by its first bytes, left unread (the verdict is None
+    when none arrived yet), and return those bytes."""
     try:
         peeked = conn.recv(MAX_PEEK, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
@@ -103,12 +105,14 @@ def peek(conn: socket.socket) -> tuple[Verdict | None, bytes]:
 
 
 class Liveness:
-    """The loop's heartbeat, read by whichever side answers /health."""
+    """The loop's heartbeat, and the /health answer made from it: whichever side answers
+    (the loop at accept time, or the thread) uses this one object."""
 
     def __init__(self) -> None:
         self.last_tick = time.monotonic()
 
     async def run(self) -> None:
+        """Tick every ``LOOP_TICK`` until cancelled (only a running loop ticks)."""
         while True:
             self.last_tick = time.monotonic()
             await trio.sleep(LOOP_TICK)
@@ -152,14 +156,15 @@ def defer_accept(listen_socket: socket.socket) -> None:
             listen_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
 
 
-def _stream(conn: socket.socket) -> trio.SocketStream:
+def _trio_stream(conn: socket.socket) -> trio.SocketStream:
+    """An accepted connection as the stream Hypercorn's ``TCPServer`` serves."""
     return trio.SocketStream(trio.socket.from_stdlib_socket(conn))
 
 
 class DirectListener(trio.abc.Listener[trio.SocketStream]):
-    """The loop's own accepts. A /health request already here is answered at once; the rare
-    connection whose first bytes are not here yet (see ``defer_accept``) waits in the thread,
-    not in the loop.
+    """The loop's own accepts, straight from the listening socket. A /health request already
+    here is answered at once; the rare connection whose first bytes are not here yet (see
+    ``defer_accept``) waits in the thread, not in the loop.
 
     Each time the socket is readable the whole accept queue is drained (up to ``MAX_DRAIN``):
     when 1,000 clients connect at once, a probe among them is answered in that one pass rather
@@ -171,13 +176,14 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
     def __init__(self, listen_socket: socket.socket, thread: TakenOverConnections) -> None:
         self._socket = listen_socket
         self._thread = thread
-        self._ready: collections.deque[socket.socket] = collections.deque()
+        # Accepted (and not /health), not yet handed out by ``accept``.
+        self._accepted: collections.deque[socket.socket] = collections.deque()
         self._handed_since_checkpoint = 0
 
     async def accept(self) -> trio.SocketStream:
-        while not self._ready:
+        while not self._accepted:
             await trio.lowlevel.wait_readable(self._socket)
-            if not self._drain() and not self._ready:
+            if not self._drain() and not self._accepted:
                 # EMFILE and friends: the thread or a later pass takes it.
                 await trio.sleep(0.01)
         self._handed_since_checkpoint += 1
@@ -185,7 +191,7 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
             # Still a checkpoint now and then, however long the queue.
             self._handed_since_checkpoint = 0
             await trio.lowlevel.checkpoint()
-        return _stream(self._ready.popleft())
+        return _trio_stream(self._accepted.popleft())
 
     def _drain(self) -> bool:
         """Accept what is queued; False if accepting failed for lack of resources."""
@@ -199,7 +205,7 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
             conn.setblocking(False)
             verdict, peeked = peek(conn)
             if verdict is Verdict.OTHER:
-                self._ready.append(conn)
+                self._accepted.append(conn)
             elif verdict is Verdict.HEALTH:
                 self._thread.liveness.answer(conn, peeked)
             elif verdict is Verdict.GONE:
@@ -209,13 +215,15 @@ class DirectListener(trio.abc.Listener[trio.SocketStream]):
         return True
 
     async def aclose(self) -> None:
-        while self._ready:
-            self._ready.popleft().close()
+        while self._accepted:
+            self._accepted.popleft().close()
         await trio.lowlevel.checkpoint()
 
 
 class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
-    """What the thread hands to trio; ``run`` owns the thread's lifetime."""
+    """The connections the take-over thread accepted because the loop left them waiting, as
+    a listener for trio; and the owner of that thread: ``run`` starts it, keeps the loop's
+    heartbeat (``liveness``) and, when cancelled, stops it and closes the listening socket."""
 
     def __init__(self, listen_socket: socket.socket) -> None:
         self.liveness = Liveness()
@@ -280,7 +288,7 @@ class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
         conn = await self._receive.receive()
         if self._thread is not None:
             self._thread.slots.release()
-        return _stream(conn)
+        return _trio_stream(conn)
 
     async def aclose(self) -> None:
         self._drop_undelivered()
@@ -290,7 +298,7 @@ class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
 
 class _TakeOverThread:
     """Runs in its own thread: accept what the loop leaves waiting, wait for first bytes,
-    answer /health, hand the rest over."""
+    answer /health, hand the rest over (``hand_over``, called in this thread)."""
 
     def __init__(
         self,
@@ -306,9 +314,12 @@ class _TakeOverThread:
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
         self.stopping = False
+        # Connections the loop accepted before their first bytes came, passed to this thread.
         self.watch_queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        # One per connection handed to trio and not yet taken by it (released on the take).
         self.slots = threading.BoundedSemaphore(MAX_HANDED_OVER)
         self.selector = selectors.DefaultSelector()
+        # Connections waiting for their first bytes, each until its deadline (then to trio).
         self.waiting: dict[socket.socket, float] = {}
 
     def watch(self, conn: socket.socket) -> None:
@@ -350,7 +361,7 @@ class _TakeOverThread:
                         take_over_at = time.monotonic() + TAKE_OVER_AFTER
                     else:
                         assert isinstance(key.fileobj, socket.socket)
-                        self._look(key.fileobj)
+                        self._peek_waiting(key.fileobj)
                 now = time.monotonic()
                 if take_over_at is not None and take_over_at <= now:
                     take_over_at = None
@@ -367,6 +378,7 @@ class _TakeOverThread:
             self.selector.close()
 
     def _take_watched(self) -> None:
+        """Empty the wake-up socket; start waiting for the first bytes of what ``watch`` sent."""
         with contextlib.suppress(OSError):
             while self.wake_reader.recv(4096):
                 pass
@@ -374,7 +386,7 @@ class _TakeOverThread:
             conn = self.watch_queue.get_nowait()
             self.waiting[conn] = time.monotonic() + PEEK_WAIT
             self.selector.register(conn, selectors.EVENT_READ)
-            self._look(conn)
+            self._peek_waiting(conn)
 
     def _accept_all(self) -> None:
         # Drain the accept queue: a probe behind 1,000 connecting clients is reached at once.
@@ -396,7 +408,7 @@ class _TakeOverThread:
             else:
                 self._decide(conn, verdict, peeked)
 
-    def _look(self, conn: socket.socket) -> None:
+    def _peek_waiting(self, conn: socket.socket) -> None:
         """Decide about a waiting connection, if its bytes allow it yet."""
         verdict, peeked = peek(conn)
         if verdict is None:
@@ -417,6 +429,7 @@ class _TakeOverThread:
         self.selector.unregister(conn)
 
     def _give(self, conn: socket.socket) -> None:
+        """Hand ``conn`` to trio (its ``TakenOverConnections.accept``)."""
         # Blocks while trio has MAX_HANDED_OVER connections not yet taken; never past a stop
         # (trio takes none then, and shutdown waits for this thread).
         while not self.slots.acquire(timeout=0.1):

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trioserve.config import ModelConfig
-from trioserve.errors import TrioserveError
 from trioserve.gateway.admission import Admission
+from trioserve.supervision.events import EventBus
 from trioserve.supervision.lifecycle import Lifecycle, State
 from trioserve.supervision.process import ChildProcess
 from trioserve.supervision.ringbuffer import OutputRing
 
-__all__ = ["ChildRun", "Endpoint", "Lease", "ManagedModel", "StartAttempt"]
+if TYPE_CHECKING:
+    from trioserve.supervision.run import ModelRun
+
+__all__ = ["Endpoint", "Lease", "ManagedModel", "ModelStatus"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,47 +35,33 @@ class Endpoint:
         return f"http://{self.host}:{self.port}"
 
 
-class StartAttempt:
-    """One start of one model, shared by every caller waiting for it."""
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as ``/admin/status`` shows it."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.endpoint: Endpoint | None = None
-        self.error: TrioserveError | None = None
+    state: State
+    pid: int | None
+    port: int | None
+    started_at: float | None  # wall clock
+    last_used_at: float | None  # wall clock
+    in_flight: int
+    queued: int
+    restarts: int
+    last_error: str | None
 
-    def succeed(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self.done.set()
-
-    def fail(self, error: TrioserveError) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
-
-
-class ChildRun:
-    """One process of one model, from the start request until it is reaped.
-
-    Owned by one ``_run_child`` task in the supervisor's nursery; everything other tasks need
-    from it (the start to wait for, the scope to cancel, the event that says it is gone) lives
-    here, so a run that ends late can never touch the books of the run that follows it.
-    """
-
-    def __init__(self) -> None:
-        self.attempt = StartAttempt()
-        # Cancels the owning task: unload, eviction, TTL. Shutdown cancels the whole nursery.
-        self.scope = trio.CancelScope()
-        # Set once the process is reaped and its port, slot and store row are given back.
-        self.stopped = trio.Event()
-        self.child: ChildProcess | None = None
-        self.port: int | None = None
-        self.store_row: int | None = None
-        self.holds_slot = False
-        # Why it is being stopped on purpose, and how gently (None: the configured stop_grace).
-        self.stop_reason = ""
-        self.grace: float | None = None
-        # The state already left starting/ready: waiters and leases have been told.
-        self.over = False
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of the contract, keys in its order."""
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "port": self.port,
+            "started_at": self.started_at,
+            "last_used_at": self.last_used_at,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+        }
 
 
 class Lease:
@@ -89,9 +82,12 @@ class Lease:
 @dataclass(eq=False)
 class ManagedModel:
     name: str
+    # Read when a process is spawned and while it serves (ttl, health_path); a reload may
+    # replace it, and the next process uses the new one.
     config: ModelConfig
     admission: Admission
     lifecycle: Lifecycle
+    events: EventBus
     output: OutputRing = field(default_factory=OutputRing)
     # Held while this model's process is being started or torn down, so a new process is
     # never spawned before the previous one of the same model is reaped. One per model:
@@ -99,14 +95,13 @@ class ManagedModel:
     lock: trio.Lock = field(default_factory=trio.Lock)
     # The latest run; the one the state describes. An older run may still be reaping its
     # process (it holds ``lock`` meanwhile), so a new run never spawns before that is done.
-    run: ChildRun | None = None
+    run: ModelRun | None = None
     endpoint: Endpoint | None = None  # set only while ready
     process: ChildProcess | None = None  # the live process, until it is reaped
     leases: set[Lease] = field(default_factory=set)
     lease_changed: trio.Event = field(default_factory=trio.Event)
     # A process of this model exists or is about to (counts towards max_loaded).
     holds_slot: bool = False
-    failed_at: float | None = None  # trio clock
     started_at: float | None = None  # wall clock
     last_used_at: float | None = None  # wall clock
     last_used_clock: float = 0.0  # trio clock, for TTL and LRU
@@ -116,6 +111,12 @@ class ManagedModel:
     def state(self) -> State:
         return self.lifecycle.state
 
+    def move(self, target: State, reason: str) -> None:
+        """Move the lifecycle to ``target`` and publish the event."""
+        event = self.lifecycle.move(target, at=time.time(), now=trio.current_time(), reason=reason)
+        log.info("model %s: %s -> %s (%s)", self.name, event.from_state, target, reason)
+        self.events.publish(event)
+
     def changed_leases(self) -> None:
         self.lease_changed.set()
         self.lease_changed = trio.Event()
@@ -123,3 +124,17 @@ class ManagedModel:
     def touch(self) -> None:
         self.last_used_at = time.time()
         self.last_used_clock = trio.current_time()
+
+    def status(self) -> ModelStatus:
+        process = self.process
+        return ModelStatus(
+            state=self.state,
+            pid=process.pid if process is not None else None,
+            port=self.endpoint.port if self.endpoint is not None else None,
+            started_at=self.started_at,
+            last_used_at=self.last_used_at,
+            in_flight=len(self.leases),
+            queued=self.admission.queued,
+            restarts=self.lifecycle.restarts,
+            last_error=self.lifecycle.last_error,
+        )

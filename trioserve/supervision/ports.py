@@ -61,6 +61,11 @@ class PortAllocator:
     def release(self, port: int) -> None:
         self._held.discard(port)
 
+    def set_range(self, first: int, last: int) -> None:
+        """A new ``port_range`` (a config reload): ports held now stay held until released."""
+        self.first, self.last = first, last
+        self._next = first
+
     def held(self) -> frozenset[int]:
         return frozenset(self._held)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
+from trioserve.host.identity import process_start_time, read_boot_id
 from trioserve.supervision.ports import listening_inodes
 from trioserve.supervision.ringbuffer import OutputRing
 
@@ -31,24 +32,6 @@ _DRAIN_LIMIT = 1.0
 # One read from the child's pipe. The pipe itself holds 64 KiB; reading as much keeps a child
 # that writes fast from ever waiting for us.
 _READ_SIZE = 65536
-
-
-def read_boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
-def process_start_time(pid: int) -> float | None:
-    """The process's start time (seconds since the epoch) as psutil computes it, or None."""
-    import psutil
-
-    try:
-        return round(float(psutil.Process(pid).create_time()), 2)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
 
 
 def _holds_socket(pid: int, inodes: set[int]) -> bool:
@@ -189,6 +172,12 @@ class ChildProcess:
         """
         with trio.move_on_after(limit):
             await self.output_closed.wait()
+
+    async def last_words(self) -> None:
+        """After the leader exited on its own: kill what is left of its group (it would be
+        killed anyway) so the output pipe ends, then wait until its last output is in."""
+        self.kill_now()
+        await self.drain_output()
 
     async def _watch_exit(self) -> None:
         # Process.wait() waits on a pidfd on Linux: we learn of the exit at once, no polling.

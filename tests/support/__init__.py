@@ -1,0 +1,9 @@
+"""Helpers shared by the tests (and the benchmarks), one of each; fixtures live in conftest.py.
+
+ports: loopback ports. config: configs and model commands. http: request bodies, a raw HTTP/1.1
+client, answer checks. processes: pid and process checks, what this process holds, polling.
+daemon: a daemon or supervisor to test against. status: what a running daemon reports.
+echo: the echo backend alone. cli: the command line. notify: systemd's end of NOTIFY_SOCKET.
+real_model: llama-server and the Gemma GGUF. assembly: the assembler fed reads, compared with
+the OpenAI SDK. guard_parent: a stand-in daemon for the guard (also run as a script).
+"""

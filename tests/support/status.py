@@ -1,0 +1,56 @@
+"""What a running daemon and its echo backends report, and waiting until they report it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import trio
+
+
+async def model_status(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    """``model``'s entry of ``/admin/status``."""
+    info: dict[str, Any] = (await client.get("/admin/status")).json()["models"][model]
+    return info
+
+
+async def load_model(client: httpx.AsyncClient, model: str, **kwargs: Any) -> dict[str, Any]:
+    """Load ``model`` (it must come up ready); returns its ``/admin/status`` entry."""
+    response = await client.post(f"/admin/models/{model}/load", **kwargs)
+    assert response.status_code == 200, response.text
+    info = await model_status(client, model)
+    assert info["state"] == "ready", info
+    return info
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, model: str, key: str, value: Any, within: float = 5.0
+) -> dict[str, Any]:
+    """Poll ``/admin/status`` until ``model``'s ``key`` is ``value``; returns the entry."""
+    with trio.fail_after(within):
+        while (info := await model_status(client, model))[key] != value:
+            await trio.sleep(0.01)
+    return info
+
+
+async def backend_port(client: httpx.AsyncClient, model: str) -> int:
+    """The port of ``model``'s running backend."""
+    info = await model_status(client, model)
+    assert info["port"], f"model {model} is not running: {info}"
+    return int(info["port"])
+
+
+async def backend_stats(port: int) -> dict[str, int]:
+    """The echo backend's own counters (``/stats``): started, completed, cancelled."""
+    async with httpx.AsyncClient(trust_env=False) as direct:
+        response = await direct.get(f"http://127.0.0.1:{port}/stats")
+    response.raise_for_status()
+    return dict(response.json())
+
+
+async def wait_for_stats(port: int, key: str, at_least: int, within: float = 5.0) -> dict[str, int]:
+    """Poll the echo backend's /stats until ``key >= at_least``; returns the stats."""
+    with trio.fail_after(within):
+        while (stats := await backend_stats(port))[key] < at_least:
+            await trio.sleep(0.01)
+    return stats

@@ -1,0 +1,120 @@
+"""Per-user accounting: requests, tokens and queue waits, for ``/admin/status`` and ``/metrics``.
+
+Labels are bounded: a user is its configured name or ``anonymous``, never a raw ``user``
+string or address (an unbounded label set breaks Prometheus).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from trioserve.gateway.identity import ANONYMOUS_NAME, User
+
+__all__ = ["UsageBook", "UserTotals", "usage_in_body", "usage_in_stream_tail", "usage_of"]
+
+# A streamed answer's usage is in its last event or two: this much of its end is kept.
+STREAM_TAIL_BYTES = 4096
+_WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(slots=True)
+class UserTotals:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class UsageBook:
+    """Totals per user name since the daemon started, and their Prometheus series."""
+
+    def __init__(self, registry: CollectorRegistry, user_names: Iterable[str]) -> None:
+        self.totals: dict[str, UserTotals] = {}
+        self.set_users(user_names)
+        self._requests = Counter(
+            "trioserve_user_requests",
+            "Relayed requests by user, model and HTTP status",
+            ["user", "model", "status"],
+            registry=registry,
+        )
+        self._tokens = Counter(
+            "trioserve_user_tokens",
+            "Tokens by user, model and kind (prompt or completion), from the upstream's usage",
+            ["user", "model", "kind"],
+            registry=registry,
+        )
+        self._wait = Histogram(
+            "trioserve_user_queue_wait_seconds",
+            "Time a request waited for a slot of its model",
+            ["user", "model"],
+            registry=registry,
+            buckets=_WAIT_BUCKETS,
+        )
+
+    def set_users(self, user_names: Iterable[str]) -> None:
+        """The configured users (at start and on reload); a removed user's totals go."""
+        names = [*user_names, ANONYMOUS_NAME]
+        self.totals = {name: self.totals.get(name, UserTotals()) for name in names}
+
+    def waited(self, user: User, model: str, seconds: float) -> None:
+        self._wait.labels(user.name, model).observe(seconds)
+
+    def finished(self, user: User, model: str, status: int, usage: tuple[int, int] | None) -> None:
+        totals = self.totals.get(user.name)
+        if totals is None:  # a user removed by a reload while its request ran
+            totals = self.totals[ANONYMOUS_NAME]
+        totals.requests += 1
+        self._requests.labels(user.name, model, str(status)).inc()
+        if usage is None:
+            return
+        prompt, completion = usage
+        totals.prompt_tokens += prompt
+        totals.completion_tokens += completion
+        self._tokens.labels(user.name, model, "prompt").inc(prompt)
+        self._tokens.labels(user.name, model, "completion").inc(completion)
+
+
+def usage_of(answer: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI answer or chunk object, if it has usage."""
+    if not isinstance(answer, dict):
+        return None
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", 0)
+    completion = usage.get("completion_tokens", 0)
+    if not (_count(prompt) and _count(completion)):
+        return None
+    return prompt, completion
+
+
+def usage_in_body(body: bytes) -> tuple[int, int] | None:
+    """The usage of a whole JSON answer (None when it is not JSON or has none)."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        return usage_of(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
+
+
+def usage_in_stream_tail(tail: bytes) -> tuple[int, int] | None:
+    """The usage in the last ``data:`` event that has one, within a stream's last bytes."""
+    for event in reversed(tail.replace(b"\r\n", b"\n").split(b"\n\n")):
+        line = event.strip()
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            continue
+        try:
+            found = usage_of(json.loads(line[5:]))
+        except (ValueError, RecursionError):
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
