@@ -47,6 +47,8 @@ REQUIRED: list[tuple[str, str, str]] = [
     ("Service", "Type", "notify"),
     ("Service", "NotifyAccess", "main"),
     ("Service", "ExecStart", f"{BINARY} start --config {CONFIG}"),
+    # `systemctl reload` waits for the command, which returns once the new config is in force.
+    ("Service", "ExecReload", f"{BINARY} reload --config {CONFIG}"),
     ("Service", "Environment", f"TRIOSERVE_CONFIG={CONFIG}"),
     ("Service", "Restart", "on-failure"),
     ("Service", "RestartSec", "2"),
@@ -121,20 +123,23 @@ def _systemd_analyze() -> str:
 
 
 def _runnable_copy(text: str, directory: Path) -> Path:
-    """The unit with ExecStart's binary swapped for one that exists here.
+    """The unit with the binary of ExecStart and ExecReload swapped for one that exists here.
 
-    verify refuses an ExecStart binary that is not executable, and trioserve is not
+    verify refuses an Exec binary that is not executable, and trioserve is not
     installed at /usr/local/bin on a test machine. The file keeps its name: verify
     derives the unit name from it.
     """
     stand_in = "/bin/true" if os.access("/bin/true", os.X_OK) else sys.executable
-    lines = [
-        line.replace(f"ExecStart={BINARY} ", f"ExecStart={stand_in} ", 1)
-        if line.startswith("ExecStart=")
-        else line
-        for line in text.splitlines()
-    ]
+    lines = text.splitlines()
+    for key in ("ExecStart", "ExecReload"):
+        lines = [
+            line.replace(f"{key}={BINARY} ", f"{key}={stand_in} ", 1)
+            if line.startswith(f"{key}=")
+            else line
+            for line in lines
+        ]
     assert f"ExecStart={stand_in} start --config {CONFIG}" in lines
+    assert f"ExecReload={stand_in} reload --config {CONFIG}" in lines
     path = directory / UNIT.name
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -165,6 +170,15 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     returncode, about_unit = _verify(_runnable_copy(UNIT.read_text(), tmp_path))
     assert returncode == 0, about_unit
     assert about_unit == []
+
+
+def test_exec_reload_runs_the_same_binary_as_exec_start(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    # A unit edited for a venv must change both lines; the comment says so.
+    start, reload = unit["Service"]["ExecStart"][0], unit["Service"]["ExecReload"][0]
+    assert start.split()[0] == reload.split()[0]
+    assert reload.split()[1:] == ["reload", "--config", CONFIG]
 
 
 def test_verify_check_catches_a_bad_directive(tmp_path: Path) -> None:

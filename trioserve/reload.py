@@ -68,9 +68,11 @@ class Reloader:
         systemd hears of it: ``RELOADING=1`` first, ``READY=1`` once the new config is in
         force or refused, with ``STATUS=`` saying when it was refused."""
         if self.closed:
+            log.warning("reload refused: trioserve is shutting down")
             raise ReloadRefused("trioserve is shutting down")
         async with self._lock:
             if self.closed:
+                log.warning("reload refused: trioserve is shutting down")
                 raise ReloadRefused("trioserve is shutting down")
             await self._notify(
                 "RELOADING=1",
@@ -79,10 +81,15 @@ class Reloader:
             try:
                 plan = await self._reload()
             except ReloadRefused as exc:
-                await self._notify("READY=1", f"STATUS=last reload failed: {exc}")
+                await self._ready(f"last reload failed: {exc}")
                 raise
-            await self._notify("READY=1", f"STATUS=reloaded: {plan.summary()}")
+            await self._ready(f"reloaded: {plan.summary()}")
             return plan
+
+    async def _ready(self, status: str) -> None:
+        # ready() makes the status one line: a reason may hold a newline (a quoted TOML key).
+        if self._notifier is not None:
+            await self._notifier.ready(status=status)
 
     async def _notify(self, *fields: str) -> None:
         if self._notifier is not None:

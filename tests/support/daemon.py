@@ -198,6 +198,8 @@ class DaemonProcess:
             if "trioserve.host.guard" in " ".join(child.cmdline())
         ]
         assert guards, "the daemon has no guard process"
+        # Stopped first, so it cannot start a new guard between the two kills.
+        self.proc.send_signal(signal.SIGSTOP)
         for guard in guards:
             guard.kill()
             guard.wait(10)

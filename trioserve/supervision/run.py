@@ -173,6 +173,10 @@ class ModelRun:
         if self.child is not None:
             self.child.kill_now()
 
+    def mark_stopping(self, reason: str) -> None:
+        """The model is ``stopping`` from now on: new requests wait for the next process."""
+        self._stopping(reason)
+
     def _stopping(self, reason: str) -> None:
         if self.current and self.model.state in (State.STARTING, State.READY):
             self.model.move(State.STOPPING, reason)

@@ -214,6 +214,9 @@ class Supervisor:
             model.changed_leases()  # wakes the running process's TTL watch: ttl may differ
             run = model.run
             if name in plan.replaced and run is not None and model.state in _RUNNING:
+                # `stopping` now, before any other task runs: no request leases the old
+                # process after the reload returned.
+                run.mark_stopping("config changed (reload)")
                 self._spawn_task(run.stop_when_idle, "config changed (reload)")
         if new.supervisor.port_range != self.config.supervisor.port_range:
             first, last = new.supervisor.port_range
