@@ -20,15 +20,13 @@ left a model process alive.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.guard_parent import Adopter, Parent
+from tests.support.guard_parent import Adopter, Parent, bench_arguments
 
 MIXED = ["stubborn", "stubborn", "family", "plain", "plain", "starting"]
 POLITE = ["plain", "plain", "plain", "starting"]
@@ -71,11 +69,7 @@ def series(name: str, kinds: list[str], rounds: int, grace: float, adopter: Adop
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--grace", type=float, default=0.5)
-    args = parser.parse_args()
-    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
+    args = bench_arguments(__doc__.splitlines()[0])
     with Adopter() as adopter:
         ok = series("mixed", MIXED, args.rounds, args.grace, adopter)
         ok = series("polite", POLITE, args.rounds, args.grace, adopter) and ok

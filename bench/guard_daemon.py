@@ -15,7 +15,6 @@ costs: the guard noticing the death and acting); exit status 1 when a round miss
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -30,7 +29,7 @@ import psutil
 
 from tests.support.config import daemon_config, echo_cmd, health_server_cmd
 from tests.support.daemon import DaemonProcess
-from tests.support.guard_parent import Adopter, Exits
+from tests.support.guard_parent import Adopter, Exits, bench_arguments
 from tests.support.processes import model_processes
 
 BOUND = 0.5  # the goal: every model process gone within stop_grace + 0.5 s
@@ -90,11 +89,7 @@ def one_round(directory: Path, grace: float, adopter: Adopter) -> tuple[float, f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--grace", type=float, default=0.5)
-    args = parser.parse_args()
-    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
+    args = bench_arguments(__doc__.splitlines()[0])
     last: list[float] = []
     echo: list[float] = []
     with Adopter() as adopter, tempfile.TemporaryDirectory(prefix="guard-daemon-") as tmp:

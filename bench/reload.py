@@ -42,7 +42,7 @@ import trio
 from _daemon import wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.config import echo_cmd, write_toml
+from tests.support.config import echo_cmd, write_config
 from tests.support.ports import free_port, port_range
 
 CHAT = "/v1/chat/completions"
@@ -90,17 +90,12 @@ class ConfigFile:
         }
         if spare:
             models["spare"] = {"cmd": echo_cmd()}
-        write_toml(
+        write_config(
             self.path,
-            {
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": self.port,
-                    "state_dir": str(self.state_dir),
-                },
-                "supervisor": {"port_range": self.ports, "max_loaded": 3, "stop_grace": 5},
-                "models": models,
-            },
+            self.state_dir,
+            self.port,
+            models,
+            supervisor={"port_range": self.ports, "max_loaded": 3, "stop_grace": 5},
         )
 
 

@@ -102,6 +102,15 @@ def config_path(path: Path | None) -> Path:
     return Path(os.environ.get("TRIOSERVE_CONFIG") or DEFAULT_CONFIG)
 
 
+def load_if_valid(path: Path | None) -> tuple[Config | None, str | None]:
+    """The config at ``path`` (or TRIOSERVE_CONFIG, or the default) and None; or None and why
+    it is invalid."""
+    try:
+        return load_config(config_path(path)), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
 def load_or_exit(path: Path | None) -> Config:
     """The config at ``path`` (or TRIOSERVE_CONFIG, or the default); exit 2 if invalid."""
     try:

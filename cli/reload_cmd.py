@@ -21,8 +21,7 @@ from typing import Annotated, Any
 import trio
 import typer
 
-from trioserve.config import DEFAULT_STATE_DIR, Config, load_config
-from trioserve.errors import ConfigError
+from trioserve.config import DEFAULT_STATE_DIR
 from trioserve.host.running import live_daemon
 from trioserve.host.store import StateStore
 
@@ -35,6 +34,7 @@ from .common import (
     UrlOption,
     config_path,
     die,
+    load_if_valid,
     make_console,
 )
 
@@ -93,12 +93,7 @@ def _state_dir_of_invalid(path: Path) -> Path:
 def _find(config_file: Path | None, url: str | None, api_key: str | None) -> _Target:
     """The daemon to reload; exit 1 when none runs."""
     path = config_path(config_file)
-    config: Config | None = None
-    config_error: str | None = None
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        config_error = str(exc)
+    config, config_error = load_if_valid(path)
     if api_key is None and config is not None and config.server.admin_keys:
         # Whoever may read the config holds its admin keys anyway; this is what lets
         # `systemctl reload` work without a key on its command line.

@@ -10,8 +10,7 @@ from typing import Any
 import trio
 import typer
 
-from trioserve.config import Config, load_config
-from trioserve.errors import ConfigError
+from trioserve.config import Config
 from trioserve.host.cleanup import Leftover, find_leftovers
 from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, StateStore
@@ -23,8 +22,8 @@ from .common import (
     ConfigOption,
     JsonOption,
     UrlOption,
-    config_path,
     die,
+    load_if_valid,
     load_or_exit,
     make_console,
 )
@@ -39,10 +38,7 @@ def _load_config(path: Path | None) -> tuple[Config | None, str | None]:
     default one if it is there: status works without any config while a daemon answers."""
     if path is not None:
         return load_or_exit(path), None
-    try:
-        return load_config(config_path(None)), None
-    except ConfigError as exc:
-        return None, str(exc)
+    return load_if_valid(None)
 
 
 def _daemon_url(url: str | None, config: Config | None) -> str:

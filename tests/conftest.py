@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.config import SpawnCounter
 from tests.support.daemon import DaemonProcess
+from tests.support.guard_parent import Adopter
 from tests.support.notify import NotifyPeer
 from tests.support.processes import kill_and_wait, processes_of_state_dir
 
@@ -31,6 +32,15 @@ def no_leftover_children() -> Iterator[None]:
         child.kill()
     assert not leftovers, f"test left child processes: {leftovers}"
     assert not zombies, f"test left zombies: {zombies}"
+
+
+@pytest.fixture
+def adopter() -> Iterator[Adopter]:
+    """This process as the subreaper of its orphaned descendants for the test; teardown (run
+    whether the test passed or failed) kills and reaps whatever the test left."""
+    with Adopter() as adopter:
+        yield adopter
+        adopter.cleanup()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.cli import error_line, invoke, run_trioserve
-from tests.support.config import echo_cmd, write_toml
+from tests.support.config import echo_cmd, write_config
 from tests.support.daemon import DaemonProcess
 from tests.support.ports import free_port, port_range
 
@@ -33,18 +33,13 @@ class Setup:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def write(self, models: tuple[str, ...] = ("echo",), **server: Any) -> None:
-        write_toml(
+        write_config(
             self.path,
-            {
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": self.port,
-                    "state_dir": str(self.state_dir),
-                    **server,
-                },
-                "supervisor": {"port_range": self.ports, "stop_grace": 2},
-                "models": {name: {"cmd": echo_cmd()} for name in models},
-            },
+            self.state_dir,
+            self.port,
+            {name: {"cmd": echo_cmd()} for name in models},
+            server=server,
+            supervisor={"port_range": self.ports},
         )
 
     def models(self, **headers: str) -> list[str]:

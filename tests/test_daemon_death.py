@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +83,15 @@ THREE_KINDS = {
     "stubborn": {"cmd": health_server_cmd("--ignore-sigterm")},
     "loading": {"cmd": model_cmd("--never-healthy")},
 }
+# One model that ignores SIGTERM and one that does not.
+STUBBORN_AND_PLAIN = {
+    "stubborn": {"cmd": health_server_cmd("--ignore-sigterm")},
+    "plain": {"cmd": health_server_cmd()},
+}
 SUPERVISOR = {"stop_grace": GRACE, "start_timeout": 120, "max_loaded": 4}
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
-
-
-@pytest.fixture
-def adopter() -> Iterator[Adopter]:
-    with Adopter() as adopter:
-        try:
-            yield adopter
-        finally:
-            adopter.cleanup()  # kills and reaps whatever a failed test left
 
 
 @pytest.fixture
@@ -127,6 +123,25 @@ def guards_of(daemon: int) -> list[int]:
                 ):
                     found.append(child.pid)
     return found
+
+
+def start_guarded(
+    tmp_path: Path,
+    spawn: Callable[..., DaemonProcess],
+    models: dict[str, dict[str, Any]],
+    *load: str,
+) -> tuple[Path, str, DaemonProcess, str, int]:
+    """A daemon of ``models`` with the SUPERVISOR settings, started once its guard is up, with
+    the models ``load`` loaded one after the other: its config, URL, process, instance id and
+    guard's pid."""
+    config, url = daemon_config(
+        tmp_path / "c.toml", tmp_path / "state", models, supervisor=SUPERVISOR
+    )
+    daemon = spawn(config, url)
+    instance, guard = daemon.status()["instance"], the_guard(daemon)
+    for model in load:
+        daemon.load(model)
+    return config, url, daemon, instance, guard
 
 
 def the_guard(daemon: DaemonProcess, other_than: int | None = None) -> int:
@@ -212,6 +227,15 @@ def signalled(adopter: Adopter, pid: int) -> int | None:
     return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
 
 
+def assert_nothing_left(instance: str, guard: int, config: Path, adopter: Adopter) -> None:
+    """After the daemon's death: from the process table, not from anyone's word, nothing
+    carries the instance's marker; the guard did its work and exited by itself; and
+    ``trioserve status`` shows nothing alive."""
+    assert children_with_marker(instance) == []
+    assert adopter.reap(guard) == 0
+    assert_status_shows_nothing_alive(config)
+
+
 def assert_status_shows_nothing_alive(config: Path) -> None:
     """``trioserve status``, as a user runs it: no daemon, and no model process alive."""
     result = run_trioserve("status", "--config", str(config), "--json")
@@ -236,14 +260,9 @@ def chat(url: str, model: str) -> httpx.Response:
 def test_daemon_sigkill_stops_family_stubborn_and_loading_models_within_grace(
     tmp_path: Path, spawn: Callable[..., DaemonProcess], adopter: Adopter
 ) -> None:
-    config, url = daemon_config(
-        tmp_path / "c.toml", tmp_path / "state", THREE_KINDS, supervisor=SUPERVISOR
+    config, url, daemon, instance, guard = start_guarded(
+        tmp_path, spawn, THREE_KINDS, "family", "stubborn"
     )
-    daemon = spawn(config, url)
-    instance = daemon.status()["instance"]
-    guard = the_guard(daemon)
-    daemon.load("family")
-    daemon.load("stubborn")
     loader = Background("POST", f"{url}/admin/models/loading/load")
     loader.start()
     try:
@@ -260,16 +279,13 @@ def test_daemon_sigkill_stops_family_stubborn_and_loading_models_within_grace(
     assert not isinstance(loader.outcome, httpx.Response), "the loading model became ready"
 
     assert_all_gone_in_time(pids, late, adopter)
-    # From the process table, not from anyone's word: nothing carries the instance's marker.
-    assert children_with_marker(instance) == []
     # How each died: SIGTERM where it was enough; SIGKILL, not before the grace, where not.
     for pid in (*by_model["stubborn"], grandchild):
         assert signalled(adopter, pid) == signal.SIGKILL
         assert late[pid] >= GRACE, late
     for pid in (by_model["loading"][0], *(set(by_model["family"]) - {grandchild})):
         assert signalled(adopter, pid) == signal.SIGTERM
-    assert adopter.reap(guard) == 0  # the guard did its work and exited by itself
-    assert_status_shows_nothing_alive(config)
+    assert_nothing_left(instance, guard, config, adopter)
 
 
 def test_daemon_sigkill_at_a_models_spawn_stops_it_within_grace(
@@ -278,12 +294,7 @@ def test_daemon_sigkill_at_a_models_spawn_stops_it_within_grace(
     # SIGKILLed the moment the model's process exists: maybe before the daemon told the guard
     # of it (then the guard finds it by its marker). It ignores SIGTERM once it has set up.
     models = {"loading": {"cmd": model_cmd("--never-healthy", "--ignore-sigterm")}}
-    config, url = daemon_config(
-        tmp_path / "c.toml", tmp_path / "state", models, supervisor=SUPERVISOR
-    )
-    daemon = spawn(config, url)
-    instance = daemon.status()["instance"]
-    guard = the_guard(daemon)
+    config, url, daemon, instance, guard = start_guarded(tmp_path, spawn, models)
     loader = Background("POST", f"{url}/admin/models/loading/load")
     loader.start()
     try:
@@ -292,26 +303,15 @@ def test_daemon_sigkill_at_a_models_spawn_stops_it_within_grace(
     finally:
         loader.join(SETTLE)
     assert_all_gone_in_time(pids, late, adopter)
-    assert children_with_marker(instance) == []
-    assert adopter.reap(guard) == 0
-    assert_status_shows_nothing_alive(config)
+    assert_nothing_left(instance, guard, config, adopter)
 
 
 def test_guard_sigkilled_alone_is_replaced_and_a_later_daemon_sigkill_is_covered(
     tmp_path: Path, spawn: Callable[..., DaemonProcess], adopter: Adopter
 ) -> None:
-    models = {
-        "stubborn": {"cmd": health_server_cmd("--ignore-sigterm")},
-        "plain": {"cmd": health_server_cmd()},
-    }
-    config, url = daemon_config(
-        tmp_path / "c.toml", tmp_path / "state", models, supervisor=SUPERVISOR
+    config, _, daemon, instance, first = start_guarded(
+        tmp_path, spawn, STUBBORN_AND_PLAIN, "stubborn", "plain"
     )
-    daemon = spawn(config, url)
-    instance = daemon.status()["instance"]
-    first = the_guard(daemon)
-    daemon.load("stubborn")
-    daemon.load("plain")
     by_model = processes(daemon, instance, {"stubborn": 1, "plain": 1})
     pids = [pid for group in by_model.values() for pid in group]
 
@@ -330,20 +330,14 @@ def test_guard_sigkilled_alone_is_replaced_and_a_later_daemon_sigkill_is_covered
     # SIGKILLed the one that ignores SIGTERM.
     assert signalled(adopter, by_model["stubborn"][0]) == signal.SIGKILL
     assert late[by_model["stubborn"][0]] >= GRACE, late
-    assert children_with_marker(instance) == []
-    assert adopter.reap(second) == 0
-    assert_status_shows_nothing_alive(config)
+    assert_nothing_left(instance, second, config, adopter)
 
 
 def test_second_daemon_is_untouched_by_the_first_ones_death(
     tmp_path: Path, spawn: Callable[..., DaemonProcess], adopter: Adopter
 ) -> None:
-    models = {
-        "stubborn": {"cmd": health_server_cmd("--ignore-sigterm")},
-        "plain": {"cmd": health_server_cmd()},
-    }
     config1, url1 = daemon_config(
-        tmp_path / "1.toml", tmp_path / "state1", models, supervisor=SUPERVISOR
+        tmp_path / "1.toml", tmp_path / "state1", STUBBORN_AND_PLAIN, supervisor=SUPERVISOR
     )
     # Another state dir, listening port and model port range (daemon_config takes new ones).
     config2, url2 = daemon_config(

@@ -29,12 +29,6 @@ BOUND = 0.5
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
 
-@pytest.fixture
-def adopter() -> Iterator[Adopter]:
-    with Adopter() as adopter:
-        yield adopter
-
-
 # What ``settled`` returns: the stand-in daemon, its guard's pid, and the pid of every process
 # of every child (grandchildren too).
 Settled = tuple[Parent, int, list[int]]

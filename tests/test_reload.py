@@ -14,7 +14,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tests.support.http import assert_openai_error, chat
 from tests.support.notify import NotifyPeer
 from tests.support.ports import free_port, port_range
 from tests.support.processes import alive, eventually
-from tests.support.status import load_model, model_status, wait_for_status
+from tests.support.status import load_model, load_models, model_status, wait_for_status
 from trioserve.config import Config, load_config
 from trioserve.errors import ConfigError
 
@@ -41,11 +42,20 @@ class ConfigFile:
     """One daemon's config file, rewritten between reloads. The listen port and the models'
     port range stay the same across writes (a changed port is refused)."""
 
-    def __init__(self, path: Path, state_dir: Path, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        state_dir: Path,
+        *,
+        port: int = 0,
+        models: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.path = path
         self.state_dir = state_dir
         self.port = port
         self.ports = port_range()
+        if models is not None:
+            self.write(models)
 
     @property
     def url(self) -> str:
@@ -129,6 +139,21 @@ class Requests:
 
         self.nursery.start_soon(one)
 
+    async def admitted(
+        self, key: str, model: str, counted_as: str = "in_flight", count: int = 1
+    ) -> None:
+        """Send ``key`` and wait until ``model``'s status counts ``count`` requests
+        ``counted_as`` (``in_flight``, ``queued``)."""
+        self.send(key, model)
+        await wait_for_status(self.client, model, counted_as, count)
+
+
+@asynccontextmanager
+async def background(client: httpx.AsyncClient) -> AsyncIterator[Requests]:
+    """``Requests`` sent in the background; the block ends once all are answered."""
+    async with trio.open_nursery() as nursery:
+        yield Requests(client, nursery)
+
 
 # -- models added, removed, replaced, retuned -----------------------------------------------------
 
@@ -172,17 +197,13 @@ async def test_added_model_is_available_at_once_and_stopped(
 async def test_removed_model_finishes_in_flight_and_queued_requests_then_stops(
     tmp_path: Path, state_dir: Path
 ) -> None:
-    file = ConfigFile(tmp_path / "c.toml", state_dir)
-    file.write({"echo": echo(), "slow": echo(*SLOW, max_concurrency=1)})
+    models = {"echo": echo(), "slow": echo(*SLOW, max_concurrency=1)}
+    file = ConfigFile(tmp_path / "c.toml", state_dir, models=models)
     async with running_daemon(file.load()) as (_, client):
-        keep = await load_model(client, "echo")
-        slow = await load_model(client, "slow")
-        async with trio.open_nursery() as nursery:
-            requests = Requests(client, nursery)
-            requests.send("in-flight", "slow")
-            await wait_for_status(client, "slow", "in_flight", 1)
-            requests.send("queued", "slow")
-            await wait_for_status(client, "slow", "queued", 1)
+        keep, slow = await load_models(client, "echo", "slow")
+        async with background(client) as requests:
+            await requests.admitted("in-flight", "slow")
+            await requests.admitted("queued", "slow", "queued")
 
             file.write({"echo": echo()})
             answer = await reloaded(client)
@@ -207,15 +228,12 @@ async def test_removed_model_finishes_in_flight_and_queued_requests_then_stops(
 async def test_changed_cmd_finishes_in_flight_on_the_old_process_and_next_uses_the_new(
     tmp_path: Path, state_dir: Path
 ) -> None:
-    file = ConfigFile(tmp_path / "c.toml", state_dir)
-    file.write({"echo": echo(*SLOW, "--model-name", "v1"), "other": echo()})
+    models = {"echo": echo(*SLOW, "--model-name", "v1"), "other": echo()}
+    file = ConfigFile(tmp_path / "c.toml", state_dir, models=models)
     async with running_daemon(file.load()) as (_, client):
-        old = await load_model(client, "echo")
-        other = await load_model(client, "other")
-        async with trio.open_nursery() as nursery:
-            requests = Requests(client, nursery)
-            requests.send("in-flight", "echo")
-            await wait_for_status(client, "echo", "in_flight", 1)
+        old, other = await load_models(client, "echo", "other")
+        async with background(client) as requests:
+            await requests.admitted("in-flight", "echo")
 
             file.write({"echo": echo("--model-name", "v2"), "other": echo()})
             answer = await reloaded(client)
@@ -291,8 +309,7 @@ async def test_lowered_limits_apply_at_once_and_requests_over_them_finish(
     file.write({"slow": echo(*SLOW, max_concurrency=3, max_queue=8)})
     async with running_daemon(file.load()) as (_, client):
         before = await load_model(client, "slow")
-        async with trio.open_nursery() as nursery:
-            requests = Requests(client, nursery)
+        async with background(client) as requests:
             for key in ("a", "b", "c"):
                 requests.send(key, "slow")
             await wait_for_status(client, "slow", "in_flight", 3)
@@ -307,10 +324,8 @@ async def test_lowered_limits_apply_at_once_and_requests_over_them_finish(
             assert not requests.answers
         assert sorted(requests.answers) == ["a", "b", "c"]
         assert all(served_by(answer) == "echo" for answer in requests.answers.values())
-        async with trio.open_nursery() as nursery:
-            requests = Requests(client, nursery)
-            requests.send("one", "slow")
-            await wait_for_status(client, "slow", "in_flight", 1)
+        async with background(client) as requests:
+            await requests.admitted("one", "slow")
             requests.send("two", "slow")
         assert requests.answers["one"].status_code == 200
         assert_openai_error(requests.answers["two"], 429, "queue_full")
@@ -508,13 +523,26 @@ def _wait_ready_again(peer: NotifyPeer, since: int, timeout: float = 20) -> list
     return _reload_messages(peer, since)
 
 
+def _under_systemd(
+    tmp_path: Path,
+    spawn_daemon: Callable[..., DaemonProcess],
+    peer: NotifyPeer,
+    models: dict[str, dict[str, Any]],
+    **write: Any,
+) -> tuple[ConfigFile, DaemonProcess]:
+    """A daemon started from a new config file (``models``, ``write``'s sections) with
+    ``peer`` as its NOTIFY_SOCKET, as systemd starts it; returns once it said READY=1."""
+    file = ConfigFile(tmp_path / "c.toml", tmp_path / "state", port=free_port())
+    file.write(models, **write)
+    daemon = spawn_daemon(file.path, file.url, env=clean_env(NOTIFY_SOCKET=peer.notify_socket))
+    peer.collect_until("READY=1")
+    return file, daemon
+
+
 def test_sighup_reloads_and_tells_systemd_and_the_daemon_lives_on(
     tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess], peer: NotifyPeer
 ) -> None:
-    file = ConfigFile(tmp_path / "c.toml", tmp_path / "state", port=free_port())
-    file.write({"echo": echo()})
-    daemon = spawn_daemon(file.path, file.url, env=clean_env(NOTIFY_SOCKET=peer.notify_socket))
-    peer.collect_until("READY=1")
+    file, daemon = _under_systemd(tmp_path, spawn_daemon, peer, {"echo": echo()})
     daemon.load("echo")
     pid = daemon.status()["models"]["echo"]["pid"]
 
@@ -569,10 +597,7 @@ def test_sighup_with_a_newline_in_the_error_keeps_the_daemon_under_systemd(
 ) -> None:
     peer = NotifyPeer.bind("path", short_dir)
     try:
-        file = ConfigFile(tmp_path / "c.toml", tmp_path / "state", port=free_port())
-        file.write({"echo": echo()})
-        daemon = spawn_daemon(file.path, file.url, env=clean_env(NOTIFY_SOCKET=peer.notify_socket))
-        peer.collect_until("READY=1")
+        file, daemon = _under_systemd(tmp_path, spawn_daemon, peer, {"echo": echo()})
         file.write({"echo": echo()})
         # A quoted key may hold a newline; the error names the key.
         text = file.path.read_text().replace("[supervisor]", '"bad\\nkey" = 1\n[supervisor]')
@@ -594,10 +619,9 @@ def test_reload_during_shutdown_is_refused(
 ) -> None:
     peer = NotifyPeer.bind("path", short_dir)
     try:
-        file = ConfigFile(tmp_path / "c.toml", tmp_path / "state", port=free_port())
-        file.write({"slow": echo(*SLOW)}, server={"shutdown_grace": 10})
-        daemon = spawn_daemon(file.path, file.url, env=clean_env(NOTIFY_SOCKET=peer.notify_socket))
-        peer.collect_until("READY=1")
+        file, daemon = _under_systemd(
+            tmp_path, spawn_daemon, peer, {"slow": echo(*SLOW)}, server={"shutdown_grace": 10}
+        )
         daemon.load("slow")
         answers: list[httpx.Response] = []
 

@@ -222,5 +222,19 @@ def daemon_config(
     """``make_config``'s config as a TOML file, for a daemon subprocess on a free loopback
     port; returns (path, url)."""
     port = free_port()
-    write_toml(path, _sections(state_dir, port, models, server, supervisor))
+    write_config(path, state_dir, port, models, server=server, supervisor=supervisor)
     return path, f"http://127.0.0.1:{port}"
+
+
+def write_config(
+    path: Path,
+    state_dir: Path,
+    port: int,
+    models: dict[str, dict[str, Any]] | None = None,
+    *,
+    server: dict[str, Any] | None = None,
+    supervisor: dict[str, Any] | None = None,
+) -> Path:
+    """``make_config``'s config as a TOML file for a daemon on ``port``; a file rewritten in
+    place keeps its models' ports with ``supervisor={"port_range": ...}``."""
+    return write_toml(path, _sections(state_dir, port, models, server, supervisor))

@@ -201,8 +201,8 @@ class DaemonProcess:
         # Stopped first, so it cannot start a new guard between the two kills.
         self.proc.send_signal(signal.SIGSTOP)
         for guard in guards:
+            # Not waited for: its parent, stopped, cannot reap it; init does once that dies.
             guard.kill()
-            guard.wait(10)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(20)
 

@@ -29,6 +29,7 @@ repository's root); ``trioserve`` comes from the installed package.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -148,8 +149,6 @@ async def _serve(args: Any) -> None:
 
 
 def _main() -> None:
-    import argparse
-
     import trio
 
     parser = argparse.ArgumentParser()
@@ -324,6 +323,16 @@ class Exits:
 
 
 _PR_SET_CHILD_SUBREAPER = 36
+
+
+def bench_arguments(description: str) -> argparse.Namespace:
+    """The guard benchmarks' ``--rounds`` and ``--grace``, once the machine's load is printed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--grace", type=float, default=0.5)
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
+    return args
 
 
 class Adopter:

@@ -23,6 +23,11 @@ async def load_model(client: httpx.AsyncClient, model: str, **kwargs: Any) -> di
     return info
 
 
+async def load_models(client: httpx.AsyncClient, *models: str) -> list[dict[str, Any]]:
+    """``load_model`` for each of ``models``, one after the other; their status entries."""
+    return [await load_model(client, model) for model in models]
+
+
 async def wait_for_status(
     client: httpx.AsyncClient, model: str, key: str, value: Any, within: float = 5.0
 ) -> dict[str, Any]:

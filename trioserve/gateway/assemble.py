@@ -408,7 +408,9 @@ class Assembler:
         if self.kind == "chat":
             message: dict[str, Any] = {
                 "role": state.role or "assistant",
-                "content": "".join(state.content) if state.content else None,
+                "content": "".join(state.content)
+                if state.content or not state.tool_calls
+                else None,
             }
             for key, parts in state.fields.items():
                 if key != "content":
