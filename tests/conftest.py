@@ -9,7 +9,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from playwright.sync_api import Browser
 
+from tests.support.browser import chromium
 from tests.support.config import SpawnCounter
 from tests.support.daemon import DaemonProcess
 from tests.support.guard_parent import Adopter
@@ -106,3 +108,10 @@ def peer(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[NotifyPeer
         yield notify_peer
     finally:
         notify_peer.sock.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A headless Chromium for this test."""
+    with chromium() as launched:
+        yield launched

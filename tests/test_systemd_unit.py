@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.programs import required_program
 
 UNIT = Path(__file__).resolve().parent.parent / "conf" / "trioserve.service"
 BINARY = "/usr/local/bin/trioserve"
@@ -106,20 +107,8 @@ def test_unit_comments_document_paths_and_user() -> None:
 # --- systemd-analyze verify ---------------------------------------------------------
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is not None:
-        return path
-    if _in_ci():
-        pytest.fail(
-            "systemd-analyze is not installed but CI is set; CI must run"
-            " scripts/ensure-systemd-analyze.sh first"
-        )
-    pytest.skip("systemd-analyze not installed (scripts/ensure-systemd-analyze.sh installs it)")
+    return required_program("systemd-analyze", "systemd")
 
 
 def _runnable_copy(text: str, directory: Path) -> Path:

@@ -82,6 +82,22 @@ class ServerConfig(_Section):
     loading_progress: bool = True
     # Not in the minimal config: how long shutdown lets in-flight requests finish.
     shutdown_grace: _Float = Field(15, ge=0)
+    # Not in the minimal config: on a stop, /health says 503 "draining" while requests are
+    # still served, until none has been in flight for this long (at most half the grace).
+    # Behind a balancer without retries, set it above the balancer's time to notice the 503.
+    drain_quiet: _Float = Field(0.1, ge=0)
+    # Not in the minimal config: dotted names a request's Host may carry besides the bind
+    # address (addresses, dotless names and *.localhost always may); others get 403, which is
+    # what stops DNS rebinding. "*" turns the check off (behind a proxy that checks Host).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(c in name for c in " /:@[]"):
+                raise ValueError(f"{name!r} is not a host name (no port, scheme or path)")
+        return [name.lower() for name in value]
 
 
 class SupervisorConfig(_Section):

@@ -20,10 +20,12 @@ from typing import TypeVar
 import trio
 
 from trioserve.config import Config, is_loopback
+from trioserve.gateway.activity import ActivityHistory
 from trioserve.gateway.admin import build_admin_app
 from trioserve.gateway.app import Gateway
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.relay import Relay
+from trioserve.gateway.stream_ends import StreamEnds
 from trioserve.gateway.upstream import KeepAlivePool
 from trioserve.gateway.usage import UsageBook
 from trioserve.host.cleanup import reclaim_leftovers
@@ -266,11 +268,16 @@ async def _serve(
             core.start_soon(_sweep_on_model_events, pool, supervisor)
             async with pool:
                 usage = UsageBook(metrics.registry, config.users)
+                activity = ActivityHistory(supervisor.status, usage)
+                await core.start(activity.run)
+                stream_ends = StreamEnds()
                 admin = build_admin_app(
                     reloader,
                     supervisor,
                     metrics,
                     usage,
+                    activity,
+                    stream_ends,
                     instance=instance,
                     started_at=row.started_at,
                     version=__version__,
@@ -287,6 +294,8 @@ async def _serve(
                             gateway,
                             hyper,
                             shutdown_trigger=trigger,
+                            # Read at the stop: a reload changes it too.
+                            drain_quiet=lambda: gateway.config.server.drain_quiet,
                             task_status=task_status,
                         )
                     finally:
@@ -317,10 +326,15 @@ async def _serve(
                 task_status.started(DaemonInfo(instance, url, supervisor))
                 await stop_requested.wait()
                 reloader.closed = True
+                # Event streams never end by themselves: ended now, they hold no stop.
+                stream_ends.close()
                 log.info("shutting down: draining requests, then stopping models")
                 await notifier.stopping(status="stopping: draining requests, then models")
-                # Hypercorn stops accepting and drains for graceful_timeout; then the supervisor
-                # is cancelled, which stops every child in parallel and reaps it.
+                # The server drains (/health says 503 "draining" while requests are still
+                # served, until none has been in flight for a moment: hypercorn_serve.Drain),
+                # then stops accepting; in-flight requests have until shutdown_grace after the
+                # stop request. Then the supervisor is cancelled, which stops every child in
+                # parallel and reaps it.
                 with trio.move_on_after(config.server.shutdown_grace + 1):
                     await served.wait()
                 core.cancel_scope.cancel()

@@ -4,6 +4,7 @@ lifecycle events and metrics. Thin: each route calls the supervisor and shapes t
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -14,9 +15,12 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioserve.errors import InvalidApiKey, InvalidRequest, TrioserveError
+from trioserve.gateway.activity import ActivityHistory
 from trioserve.gateway.asgi import bearer_ok
 from trioserve.gateway.identity import ANONYMOUS_NAME
 from trioserve.gateway.metrics import Metrics
+from trioserve.gateway.stream_ends import StreamEnds
+from trioserve.gateway.ui import add_ui_routes
 from trioserve.gateway.usage import UsageBook
 from trioserve.reload import Reloader, ReloadRefused
 from trioserve.supervision.supervisor import Supervisor
@@ -58,11 +62,17 @@ def _queued_by_user(supervisor: Supervisor, model: str) -> dict[str, int]:
     return {name: each["queued"] for name, each in counts.items() if each["queued"]}
 
 
+def _sse(event: str, data: object) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
 def build_admin_app(
     reloader: Reloader,
     supervisor: Supervisor,
     metrics: Metrics,
     usage: UsageBook,
+    activity: ActivityHistory,
+    stream_ends: StreamEnds,
     *,
     instance: str,
     started_at: float,
@@ -72,6 +82,7 @@ def build_admin_app(
     """The admin app. Its config is ``reloader.config``, read per request: a reload is in
     force for the next request."""
     app = QuartTrio(__name__)
+    add_ui_routes(app)
 
     @app.before_request
     async def _auth() -> Response | None:
@@ -176,15 +187,51 @@ def build_admin_app(
             async with supervisor.events.subscribe() as receive:
                 yield b": trioserve events\n\n"
                 while True:
-                    with trio.move_on_after(EVENTS_KEEPALIVE) as idle:
+                    with stream_ends.wait(EVENTS_KEEPALIVE) as idle:
                         try:
                             event = await receive.receive()
                         except trio.EndOfChannel:
                             return
+                    if stream_ends.closed:
+                        return
                     if idle.cancelled_caught:
                         yield b": keep-alive\n\n"
                         continue
                     yield b"data: " + json.dumps(event.as_dict()).encode() + b"\n\n"
+
+        response = Response(stream(), content_type="text/event-stream")
+        response.headers["cache-control"] = "no-cache"
+        response.timeout = None
+        return response
+
+    @app.get("/admin/history")
+    async def history() -> dict[str, object]:
+        """The activity chart's data: the last ten minutes, one sample a second per model."""
+        return activity.snapshot()
+
+    @app.get("/admin/activity")
+    async def activity_feed() -> Response:
+        """SSE for the status page: the whole history once, then each second the new sample
+        with every model's status and the per-user figures, so the page never polls."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield _sse("history", activity.snapshot())
+            while True:
+                with stream_ends.wait(math.inf):
+                    await activity.next_sample()
+                if stream_ends.closed:
+                    return
+                rates = activity.latest()
+                models = {
+                    name: {
+                        **model.as_dict(),
+                        "tokens_per_s": rates.get(name, {}).get("tokens_per_s"),
+                    }
+                    for name, model in supervisor.status().items()
+                }
+                users = users_status(supervisor, usage)
+                sample = {"at": activity.last_at, "models": models, "users": users}
+                yield _sse("sample", sample)
 
         response = Response(stream(), content_type="text/event-stream")
         response.headers["cache-control"] = "no-cache"

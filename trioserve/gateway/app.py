@@ -12,7 +12,8 @@ from typing import Any
 import trio
 
 from trioserve.config import Config
-from trioserve.gateway.asgi import Message, Receive, Scope, Send
+from trioserve.gateway.asgi import Message, Receive, Scope, Send, send_error
+from trioserve.gateway.browser_guard import BrowserGuard
 from trioserve.gateway.relay import Relay, RelayPaths
 
 __all__ = ["Gateway"]
@@ -22,22 +23,46 @@ _HEALTH_HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(_HEALTH_BODY)).encode()),
 ]
+# trioserve.server.listener.HEALTH_STATE_KEY: where the server puts its ``Liveness`` (the
+# answer while the daemon drains or its loop stalled) in each request's ``scope["state"]``.
+_HEALTH_STATE_KEY = "trioserve.liveness"
 
 
 class Gateway:
     def __init__(self, config: Config, relay: Relay, admin_app: Any) -> None:
-        self.config = config
         self.relay = relay
         self.admin_app = admin_app
+        self.config = config
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """At start and on reload: the names a request's Host may carry come with it."""
+        self._config = config
+        self.browser_guard = BrowserGuard(config.server.host, config.server.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             if path == "/health":
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": _HEALTH_HEADERS}
+                # The same answer the listener gives at accept time (draining, stalled); the
+                # app alone, without our server, is simply ok.
+                liveness = scope.get("state", {}).get(_HEALTH_STATE_KEY)
+                status, body = (200, _HEALTH_BODY) if liveness is None else liveness.status()
+                headers = (
+                    _HEALTH_HEADERS
+                    if body == _HEALTH_BODY
+                    else [_HEALTH_HEADERS[0], (b"content-length", str(len(body)).encode())]
                 )
-                await send({"type": "http.response.body", "body": _HEALTH_BODY})
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            refused = self.browser_guard.check(scope["method"], scope["headers"])
+            if refused is not None:
+                await send_error(send, refused)
                 return
             if path in RelayPaths and scope["method"] == "POST":
                 # The relay checks the key (and learns whose it is) before reading the body.

@@ -33,6 +33,8 @@ class UsageBook:
 
     def __init__(self, registry: CollectorRegistry, user_names: Iterable[str]) -> None:
         self.totals: dict[str, UserTotals] = {}
+        # Completion tokens per model since start: the activity chart's tokens/s.
+        self.completion_by_model: dict[str, int] = {}
         self.set_users(user_names)
         self._requests = Counter(
             "trioserve_user_requests",
@@ -73,6 +75,7 @@ class UsageBook:
         prompt, completion = usage
         totals.prompt_tokens += prompt
         totals.completion_tokens += completion
+        self.completion_by_model[model] = self.completion_by_model.get(model, 0) + completion
         self._tokens.labels(user.name, model, "prompt").inc(prompt)
         self._tokens.labels(user.name, model, "completion").inc(completion)
 

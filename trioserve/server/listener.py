@@ -16,6 +16,10 @@ connection left waiting ``TAKE_OVER_AFTER`` is taken by the thread. Both sides p
 first bytes without reading them: a complete ``/health`` request is answered on the spot; any
 other request goes to Hypercorn unread, as if nothing had looked at it. A connection with no
 bytes yet (rare: ``defer_accept``) waits in the thread for at most ``PEEK_WAIT``.
+
+While the daemon drains before it stops (``hypercorn_serve.serve``), the answer is
+``503 {"status":"draining"}``: a balancer that checks ``/health`` takes the node out of its
+rotation while the node still serves everything it is sent.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from enum import Enum
 
 import trio
 
-__all__ = ["DirectListener", "TakenOverConnections", "defer_accept"]
+__all__ = ["HEALTH_STATE_KEY", "DirectListener", "Liveness", "TakenOverConnections", "defer_accept"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,11 @@ _HEALTH_LINES = (
 )
 _OK_BODY = b'{"status":"ok"}'
 _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %ds"}'
+_DRAINING_BODY = b'{"status":"draining"}'
+_REASONS = {200: b"200 OK", 503: b"503 Service Unavailable"}
+# Where the server puts the ``Liveness`` in each request's ASGI ``scope["state"]``, so that a
+# /health request Hypercorn serves (one on a keep-alive connection) gets the same answer.
+HEALTH_STATE_KEY = "trioserve.liveness"
 
 
 class Verdict(Enum):
@@ -105,11 +114,14 @@ def peek(conn: socket.socket) -> tuple[Verdict | None, bytes]:
 
 
 class Liveness:
-    """The loop's heartbeat, and the /health answer made from it: whichever side answers
-    (the loop at accept time, or the thread) uses this one object."""
+    """The loop's heartbeat and the daemon's drain, and the /health answer made from them:
+    whichever side answers (the loop at accept time, the thread, or the gateway app behind
+    Hypercorn) uses this one object."""
 
     def __init__(self) -> None:
         self.last_tick = time.monotonic()
+        # Set once, when shutdown begins; read by the thread (a plain bool: atomic to read).
+        self.draining = False
 
     async def run(self) -> None:
         """Tick every ``LOOP_TICK`` until cancelled (only a running loop ticks)."""
@@ -117,15 +129,20 @@ class Liveness:
             self.last_tick = time.monotonic()
             await trio.sleep(LOOP_TICK)
 
-    def reply(self, peeked: bytes) -> tuple[int, bytes]:
-        """For a complete /health request: how many bytes it is, and the answer to send."""
+    def status(self) -> tuple[int, bytes]:
+        """The /health status code and JSON body now."""
         stalled = time.monotonic() - self.last_tick
         if stalled > LOOP_STALL_AFTER:
-            status, body = b"503 Service Unavailable", _STALLED_BODY % int(stalled)
-        else:
-            status, body = b"200 OK", _OK_BODY
+            return 503, _STALLED_BODY % int(stalled)
+        if self.draining:
+            return 503, _DRAINING_BODY
+        return 200, _OK_BODY
+
+    def reply(self, peeked: bytes) -> tuple[int, bytes]:
+        """For a complete /health request: how many bytes it is, and the answer to send."""
+        code, body = self.status()
         head = (
-            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 " + _REASONS[code] + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
         )
         return peeked.find(b"\r\n\r\n") + 4, head if peeked.startswith(b"HEAD ") else head + body
@@ -225,8 +242,9 @@ class TakenOverConnections(trio.abc.Listener[trio.SocketStream]):
     a listener for trio; and the owner of that thread: ``run`` starts it, keeps the loop's
     heartbeat (``liveness``) and, when cancelled, stops it and closes the listening socket."""
 
-    def __init__(self, listen_socket: socket.socket) -> None:
-        self.liveness = Liveness()
+    def __init__(self, listen_socket: socket.socket, liveness: Liveness | None = None) -> None:
+        # One Liveness may serve several listening sockets (the daemon's drain is one).
+        self.liveness = liveness if liveness is not None else Liveness()
         self._socket = listen_socket
         self._send, self._receive = trio.open_memory_channel[socket.socket](math.inf)
         self._thread: _TakeOverThread | None = None

@@ -1,0 +1,454 @@
+// trioserve status page. Plain JavaScript, no build step, no library.
+//
+// Data flow: one read of /admin/status at load (and after each reconnect), then two streams —
+// /admin/events (lifecycle events: state changes show at once) and /admin/activity (the chart's
+// history, then one sample a second with every model's and user's figures). Streams are read
+// with fetch, not EventSource, because EventSource cannot send the admin key as a header.
+//
+// Everything the daemon sends (model names, errors, log lines) is untrusted text: it reaches
+// the page only through textContent and SVG attributes, never as HTML.
+"use strict";
+
+const KEY_STORAGE = "trioserve.adminKey";
+const RECONNECT_FIRST = 500;      // ms: first retry after a lost connection
+const RECONNECT_MAX = 10000;      // ms: retries back off up to this
+const LOGS_TAIL = 500;            // lines the log view shows
+const LOGS_EVERY = 1000;          // ms between two reads of the followed log
+const CHART_SECONDS = 600;
+const MIN_CHART_SECONDS = 60;
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const page = {
+  models: {},       // name -> status object (contract fields + tokens_per_s)
+  users: {},        // name -> per-user figures
+  history: {},      // name -> {at: [], in_flight: [], queued: [], tokens_per_s: []}
+  historyLength: 600,
+  logsModel: null,
+  logsTimer: null,
+  session: null,    // AbortController of the current connection
+  retryDelay: RECONNECT_FIRST,
+};
+
+class KeyRequired extends Error {}
+
+function $(id) {
+  return document.getElementById(id);
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+// -- talking to the daemon ------------------------------------------------------------------
+
+function headers(extra) {
+  const result = Object.assign({}, extra || {});
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) result["Authorization"] = "Bearer " + key;
+  return result;
+}
+
+async function request(path, options) {
+  const opts = Object.assign({cache: "no-store", credentials: "omit"}, options || {});
+  opts.headers = headers(opts.headers);
+  const response = await fetch(path, opts);
+  if (response.status === 401) throw new KeyRequired();
+  return response;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (_) { /* not JSON */ }
+  return "HTTP " + response.status;
+}
+
+// Calls onEvent(name, data) for each SSE event of the response until the stream ends.
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line === "" || line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let text = colon < 0 ? "" : line.slice(colon + 1);
+        if (text.startsWith(" ")) text = text.slice(1);
+        if (field === "event") name = text;
+        else if (field === "data") data.push(text);
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+async function follow(path, signal, onEvent) {
+  const response = await request(path, {signal});
+  if (!response.ok) throw new Error(await errorText(response));
+  await readEvents(response, onEvent);
+  throw new Error("the daemon closed " + path);
+}
+
+// -- connection -----------------------------------------------------------------------------
+
+function showConnection(state, text) {
+  const node = $("connection");
+  node.dataset.state = state;
+  node.textContent = text;
+}
+
+async function connect() {
+  const session = new AbortController();
+  page.session = session;
+  try {
+    showConnection("connecting", "connecting…");
+    const response = await request("/admin/status", {signal: session.signal});
+    if (!response.ok) throw new Error(await errorText(response));
+    applyStatus(await response.json());
+    const streams = [
+      follow("/admin/events", session.signal, onLifecycleEvent),
+      follow("/admin/activity", session.signal, onActivity),
+    ];
+    showConnection("live", "live");
+    page.retryDelay = RECONNECT_FIRST;
+    await Promise.race(streams);
+  } catch (error) {
+    session.abort();
+    if (page.session !== session) return;  // replaced by a newer connection
+    if (error instanceof KeyRequired) {
+      askForKey();
+      return;
+    }
+    const delay = page.retryDelay;
+    page.retryDelay = Math.min(delay * 2, RECONNECT_MAX);
+    showConnection("lost", "connection lost — retrying in " + (delay / 1000).toFixed(1) + " s");
+    setTimeout(() => { if (page.session === session) connect(); }, delay);
+  }
+}
+
+function askForKey() {
+  const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
+  sessionStorage.removeItem(KEY_STORAGE);
+  showConnection("key", "admin key required");
+  $("key-form").hidden = false;
+  const message = $("key-error");
+  message.hidden = !hadKey;
+  message.textContent = hadKey ? "That key was refused." : "";
+  $("key-input").focus();
+}
+
+function onKeySubmit(event) {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("key-input").value = "";
+  $("key-form").hidden = true;
+  connect();
+}
+
+// -- data in --------------------------------------------------------------------------------
+
+function applyStatus(status) {
+  page.models = Object.assign({}, status.models);
+  page.users = Object.assign({}, status.users);
+  $("daemon").textContent = "v" + status.version + " · pid " + status.pid;
+  renderModels();
+  renderUsers();
+}
+
+function onLifecycleEvent(name, event) {
+  const model = page.models[event.model];
+  if (!model) return;
+  model.state = event.to;
+  if (event.to === "failed" && event.reason) model.last_error = event.reason;
+  renderModels();
+}
+
+function onActivity(name, data) {
+  if (name === "history") {
+    page.history = data.models;
+    page.historyLength = Math.max(1, Math.round(data.seconds / data.interval));
+  } else if (name === "sample") {
+    page.models = data.models;
+    page.users = data.users;
+    for (const [model, sample] of Object.entries(data.models)) {
+      const series = page.history[model] ||
+        (page.history[model] = {at: [], in_flight: [], queued: [], tokens_per_s: []});
+      series.at.push(data.at);
+      series.in_flight.push(sample.in_flight);
+      series.queued.push(sample.queued);
+      series.tokens_per_s.push(sample.tokens_per_s || 0);
+      for (const column of Object.values(series)) {
+        while (column.length > page.historyLength) column.shift();
+      }
+    }
+    for (const model of Object.keys(page.history)) {
+      if (!(model in data.models)) delete page.history[model];
+    }
+    renderModels();
+    renderUsers();
+  }
+  renderCharts();
+}
+
+// -- models table ---------------------------------------------------------------------------
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined || seconds < 0) return "";
+  const s = Math.floor(seconds);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+}
+
+function ago(timestamp) {
+  if (!timestamp) return "never";
+  return duration(Date.now() / 1000 - timestamp) + " ago";
+}
+
+function actionButton(label, title, onClick, className) {
+  const button = el("button", label, className);
+  button.type = "button";
+  button.title = title;
+  button.addEventListener("click", () => onClick(button));
+  return button;
+}
+
+const COLUMNS = ["name", "state", "pid", "port", "uptime", "in-flight", "queued", "restarts",
+                 "last-used", "last-error", "actions"];
+
+// A model's row is made once and updated in place: a button being clicked, a disabled button
+// (a Load still waiting) or an opened error survive the updates.
+function modelRow(name) {
+  const row = el("tr");
+  row.dataset.model = name;
+  row.cells_ = {};
+  for (const column of COLUMNS) {
+    const cell = el("td", null, column);
+    row.cells_[column] = cell;
+    row.appendChild(cell);
+  }
+  row.cells_.name.textContent = name;
+  const error = el("details");
+  error.appendChild(el("summary"));
+  error.appendChild(el("pre"));
+  row.cells_["last-error"].appendChild(error);
+  const actions = row.cells_.actions;
+  actions.appendChild(actionButton("Load", "start it and wait until ready", (b) => act(b, name, "load")));
+  actions.appendChild(actionButton("Unload", "stop it after in-flight requests finish", (b) => act(b, name, "unload")));
+  actions.appendChild(actionButton("Force", "kill it now", (b) => act(b, name, "unload?force=true"), "danger"));
+  actions.appendChild(actionButton("Logs", "show its output", () => openLogs(name)));
+  return row;
+}
+
+function setText(node, text) {
+  const value = text === null || text === undefined ? "" : String(text);
+  if (node.textContent !== value) node.textContent = value;
+}
+
+function updateRow(row, model) {
+  const cells = row.cells_;
+  row.dataset.state = model.state;
+  setText(cells.state, model.state);
+  cells.state.className = "state state-" + model.state;
+  setText(cells.pid, model.pid);
+  setText(cells.port, model.port);
+  const up = model.state === "ready" && model.started_at ? Date.now() / 1000 - model.started_at : null;
+  setText(cells.uptime, duration(up));
+  setText(cells["in-flight"], model.in_flight ?? 0);
+  setText(cells.queued, model.queued ?? 0);
+  setText(cells.restarts, model.restarts ?? 0);
+  setText(cells["last-used"], ago(model.last_used_at));
+  const error = cells["last-error"].firstChild;
+  const text = model.last_error || "";
+  error.hidden = !text;
+  setText(error.firstChild, text.split("\n")[0]);
+  setText(error.lastChild, text);
+}
+
+function renderModels() {
+  const body = $("models").tBodies[0];
+  const existing = new Map([...body.rows].map((row) => [row.dataset.model, row]));
+  const names = Object.keys(page.models).sort();
+  names.forEach((name, index) => {
+    const row = existing.get(name) || modelRow(name);
+    updateRow(row, page.models[name]);
+    if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
+    existing.delete(name);
+  });
+  for (const row of existing.values()) row.remove();
+}
+
+function notice(text, kind) {
+  const node = $("notice");
+  node.textContent = text;
+  node.dataset.kind = kind;
+  node.hidden = false;
+}
+
+async function act(button, name, action) {
+  button.disabled = true;
+  try {
+    const response = await request(
+      "/admin/models/" + encodeURIComponent(name) + "/" + action,
+      // JSON, so a browser must ask before sending it cross-site (and trioserve never agrees).
+      {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"},
+    );
+    if (response.ok) {
+      const body = await response.json();
+      notice(body.model + ": " + body.state, "ok");
+    } else {
+      notice(name + ": " + (await errorText(response)), "error");
+    }
+  } catch (error) {
+    if (error instanceof KeyRequired) askForKey();
+    else notice(name + ": " + error.message, "error");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// -- users table ----------------------------------------------------------------------------
+
+function renderUsers() {
+  const rows = [];
+  for (const name of Object.keys(page.users).sort()) {
+    const user = page.users[name];
+    const row = el("tr");
+    row.dataset.user = name;
+    for (const value of [name, user.in_flight, user.queued, user.requests,
+                         user.prompt_tokens, user.completion_tokens]) {
+      row.appendChild(el("td", value));
+    }
+    rows.push(row);
+  }
+  $("users").tBodies[0].replaceChildren(...rows);
+}
+
+// -- activity charts ------------------------------------------------------------------------
+
+function svg(tag, attributes) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, String(value));
+  return node;
+}
+
+function niceMax(values) {
+  const top = Math.max(1, ...values);
+  const step = Math.pow(10, Math.floor(Math.log10(top)));
+  return Math.ceil(top / step) * step;
+}
+
+function polyline(series, values, now, span, width, height, top, className) {
+  const points = [];
+  for (let i = 0; i < values.length; i++) {
+    const x = width - ((now - series.at[i]) / span) * width;
+    if (x < 0) continue;
+    const y = height - (values[i] / top) * height;
+    points.push(x.toFixed(1) + "," + y.toFixed(1));
+  }
+  return svg("polyline", {points: points.join(" "), class: className});
+}
+
+// The time axis spans the history there is (at least a minute, at most ten), so a young
+// daemon's chart is readable too.
+function chartSpan(now) {
+  let oldest = now;
+  for (const series of Object.values(page.history)) {
+    if (series.at.length) oldest = Math.min(oldest, series.at[0]);
+  }
+  return Math.min(CHART_SECONDS, Math.max(MIN_CHART_SECONDS, now - oldest));
+}
+
+function chart(name, series, now, span) {
+  const width = 600, height = 100;
+  const box = el("div", null, "chart");
+  box.dataset.model = name;
+  box.appendChild(el("h3", name));
+  const drawing = svg("svg", {viewBox: "0 0 " + width + " " + height, preserveAspectRatio: "none",
+                              role: "img", "aria-label": "activity of " + name});
+  const requestsTop = niceMax([...series.in_flight, ...series.queued]);
+  const tokensTop = niceMax(series.tokens_per_s);
+  drawing.appendChild(svg("line", {x1: 0, y1: height, x2: width, y2: height, class: "axis"}));
+  drawing.appendChild(svg("line", {x1: 0, y1: 0, x2: width, y2: 0, class: "axis"}));
+  drawing.appendChild(polyline(series, series.queued, now, span, width, height, requestsTop, "series-queued"));
+  drawing.appendChild(polyline(series, series.in_flight, now, span, width, height, requestsTop, "series-in-flight"));
+  drawing.appendChild(polyline(series, series.tokens_per_s, now, span, width, height, tokensTop, "series-tokens"));
+  box.appendChild(drawing);
+  const caption = "last " + duration(span) + " · requests ≤ " + requestsTop +
+    " · tokens/s ≤ " + tokensTop;
+  box.appendChild(el("div", caption, "scale"));
+  return box;
+}
+
+function renderCharts() {
+  const names = Object.keys(page.history).sort();
+  let now = 0;
+  for (const name of names) {
+    const at = page.history[name].at;
+    if (at.length) now = Math.max(now, at[at.length - 1]);
+  }
+  const span = chartSpan(now);
+  $("charts").replaceChildren(...names.map((name) => chart(name, page.history[name], now, span)));
+}
+
+// -- logs -----------------------------------------------------------------------------------
+
+async function readLogs() {
+  const name = page.logsModel;
+  if (name === null) return;
+  try {
+    const response = await request(
+      "/admin/models/" + encodeURIComponent(name) + "/logs?tail=" + LOGS_TAIL);
+    if (page.logsModel !== name) return;
+    const text = response.ok ? await response.text() : await errorText(response);
+    const view = $("logs-text");
+    const atBottom = view.scrollTop + view.clientHeight >= view.scrollHeight - 4;
+    if (view.textContent !== text) {
+      view.textContent = text;
+      if (atBottom) view.scrollTop = view.scrollHeight;
+    }
+  } catch (error) {
+    if (error instanceof KeyRequired) askForKey();
+  }
+  if (page.logsModel === name) page.logsTimer = setTimeout(readLogs, LOGS_EVERY);
+}
+
+function openLogs(name) {
+  closeLogs();
+  page.logsModel = name;
+  $("logs-model").textContent = name;
+  $("logs-text").textContent = "";
+  $("logs").hidden = false;
+  readLogs();
+}
+
+function closeLogs() {
+  page.logsModel = null;
+  clearTimeout(page.logsTimer);
+  $("logs").hidden = true;
+}
+
+// -- start ----------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key-form").addEventListener("submit", onKeySubmit);
+  $("logs-close").addEventListener("click", closeLogs);
+  // Uptimes and "last used" move with the clock between two samples.
+  setInterval(renderModels, 1000);
+  connect();
+});
