@@ -50,7 +50,7 @@ async def test_one_sample_a_second_of_each_model(autojump_clock: trio.testing.Mo
     echo = history.snapshot()["models"]["echo"]  # type: ignore[index]
     assert echo["in_flight"] == [0, 3, 3, 3, 3]
     assert echo["queued"] == [0, 2, 2, 2, 2]
-    assert history.latest()["echo"]["in_flight"] == 3
+    assert history.tokens_per_s() == {"echo": 0.0}
 
 
 def test_history_keeps_only_its_window() -> None:
@@ -70,6 +70,7 @@ def test_tokens_per_second_come_from_the_usage_of_finished_requests() -> None:
     usage.finished(user, "echo", 200, (10, 10))
     usage.finished(user, "other", 200, (10, 500))
     history.sample(2.0)
+    assert history.tokens_per_s() == {"echo": 20.0}  # "other" is no model here
     history.sample(4.0)
     assert history.snapshot()["models"]["echo"]["tokens_per_s"] == [0.0, 20.0, 0.0]  # type: ignore[index]
 

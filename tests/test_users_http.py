@@ -375,11 +375,14 @@ async def test_first_byte_timeout_of_a_queued_request_leaves_the_queue_and_the_o
         port = (await load_model(client, "echo"))["port"]
         async with trio.open_nursery() as nursery:
             answers: dict[str, httpx.Response] = {}
+            victim_answered = trio.Event()
 
             async def call(name: str) -> None:
                 answers[name] = await client.post(
                     "/v1/chat/completions", json=short_chat(), headers=auth(KEY_OF[name])
                 )
+                if name == victim:
+                    victim_answered.set()
 
             async with holding_a_slot(info.url, SERVER):
                 nursery.start_soon(call, victim)
@@ -388,8 +391,7 @@ async def test_first_byte_timeout_of_a_queued_request_leaves_the_queue_and_the_o
                 nursery.start_soon(call, survivor)
                 await wait_for_user(client, survivor, queued=1)
                 with trio.fail_after(limit + 5):
-                    while victim not in answers:
-                        await trio.sleep(0.01)
+                    await victim_answered.wait()
                 error = assert_openai_error(answers[victim], 504, "timeout")
                 assert "first_byte_timeout" in error["message"], error
                 # Out of the queue by the time its 504 was sent.
@@ -424,11 +426,13 @@ async def test_request_timeout_of_a_queued_request_leaves_the_queue_and_the_othe
         port = (await load_model(client, "echo"))["port"]
         async with trio.open_nursery() as nursery:
             answers: dict[str, httpx.Response] = {}
+            victim_answered = trio.Event()
 
             async def call() -> None:
                 answers[victim] = await client.post(
                     "/v1/chat/completions", json=short_chat(), headers=auth(KEY_OF[victim])
                 )
+                victim_answered.set()
 
             async with holding_a_slot(info.url, KEY_OF[victim]) as holder:
                 nursery.start_soon(call)
@@ -442,8 +446,7 @@ async def test_request_timeout_of_a_queued_request_leaves_the_queue_and_the_othe
                     await holder.read(lambda received: b'"code": "timeout"' in received)
                     await other.read(lambda received: b"data: {" in received, within=limit + 5)
                     with trio.fail_after(limit + 5):
-                        while victim not in answers:
-                            await trio.sleep(0.01)
+                        await victim_answered.wait()
                     error = assert_openai_error(answers[victim], 504, "timeout")
                     assert "request_timeout" in error["message"], error
                     users = await users_status(client)

@@ -87,18 +87,9 @@ class ActivityHistory:
     async def next_sample(self) -> None:
         await self._sampled.wait()
 
-    def latest(self) -> dict[str, dict[str, float]]:
-        """Each model's newest sample (the live feed's message)."""
-        latest = {name: ring[-1] for name, ring in self._rings.items() if ring}
-        return {
-            name: {
-                "at": round(each.at, 3),
-                "in_flight": each.in_flight,
-                "queued": each.queued,
-                "tokens_per_s": each.tokens_per_s,
-            }
-            for name, each in latest.items()
-        }
+    def tokens_per_s(self) -> dict[str, float]:
+        """Each model's tokens/s in its newest sample (the live feed adds it to the status)."""
+        return {name: ring[-1].tokens_per_s for name, ring in self._rings.items() if ring}
 
     def snapshot(self) -> dict[str, object]:
         """The whole history, one array per field per model (compact for the page)."""

@@ -221,12 +221,9 @@ def build_admin_app(
                     await activity.next_sample()
                 if stream_ends.closed:
                     return
-                rates = activity.latest()
+                rates = activity.tokens_per_s()
                 models = {
-                    name: {
-                        **model.as_dict(),
-                        "tokens_per_s": rates.get(name, {}).get("tokens_per_s"),
-                    }
+                    name: {**model.as_dict(), "tokens_per_s": rates.get(name)}
                     for name, model in supervisor.status().items()
                 }
                 users = users_status(supervisor, usage)
