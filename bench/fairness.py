@@ -1,7 +1,7 @@
 """Fair share of a model's slots between users, measured on the admission gate itself.
 
 Run with ``.venv/bin/python bench/fairness.py`` (``--seconds 10`` for a quicker run). No HTTP:
-requests are trio tasks that take a slot from ``trioserve.gateway.admission.Admission`` and
+requests are trio tasks that take a slot from ``trioserve.sharing.admission.Admission`` and
 hold it for a simulated service time (``trio.sleep``, real clock). Four figures:
 
 1. **flood**: user A sends 40 requests to a model with 2 slots (0.5 s each); user B's one
@@ -34,9 +34,9 @@ import time
 import trio
 import trio.testing
 
-from trioserve.gateway.admission import Admission
-from trioserve.gateway.fair_queue import FairQueue, Waiter, WaiterState
-from trioserve.gateway.identity import User
+from trioserve.sharing.admission import Admission
+from trioserve.sharing.fair_queue import FairQueue, Waiter, WaiterState
+from trioserve.sharing.identity import User
 
 # Service times before the share measurements start counting.
 WARM_UP = 4

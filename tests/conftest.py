@@ -9,14 +9,41 @@ from pathlib import Path
 
 import psutil
 import pytest
-from playwright.sync_api import Browser
 
-from tests.support.browser import chromium
 from tests.support.config import SpawnCounter
 from tests.support.daemon import DaemonProcess
 from tests.support.guard_parent import Adopter
 from tests.support.notify import NotifyPeer
 from tests.support.processes import kill_and_wait, processes_of_state_dir
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # `make pytest` runs the suite twice: in parallel workers with --skip-quiet, then the
+    # `quiet` tests alone with --only-quiet. Options rather than `-m`, so that a `-m` of the
+    # caller's (PYTEST_ARGS) narrows both runs instead of replacing the split.
+    group = parser.getgroup("trioserve")
+    group.addoption(
+        "--skip-quiet",
+        action="store_true",
+        help="deselect the tests marked quiet (they run apart, on a quiet machine)",
+    )
+    group.addoption("--only-quiet", action="store_true", help="run only the tests marked quiet")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip, only = config.getoption("--skip-quiet"), config.getoption("--only-quiet")
+    if not (skip or only):
+        return
+    if skip and only:
+        raise pytest.UsageError("--skip-quiet and --only-quiet exclude each other")
+    keep: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        quiet = item.get_closest_marker("quiet") is not None
+        (keep if quiet == only else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +138,11 @@ def peer(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[NotifyPeer
 
 
 @pytest.fixture
-def browser() -> Iterator[Browser]:
-    """A headless Chromium for this test."""
-    with chromium() as launched:
-        yield launched
+def notify_peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyPeer]:
+    """systemd's end for a daemon in this process (it reads NOTIFY_SOCKET at start)."""
+    peer = NotifyPeer.bind("abstract", tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", peer.notify_socket)
+    try:
+        yield peer
+    finally:
+        peer.sock.close()

@@ -7,8 +7,8 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from trioserve.gateway.activity import ActivityHistory
-from trioserve.gateway.identity import User
 from trioserve.gateway.usage import UsageBook
+from trioserve.sharing.identity import User
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import ModelStatus
 

@@ -20,8 +20,8 @@ import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from trioserve.errors import QueueFull
-from trioserve.gateway.admission import Admission
-from trioserve.gateway.identity import User
+from trioserve.sharing.admission import Admission
+from trioserve.sharing.identity import User
 
 SERVICE = 0.5
 

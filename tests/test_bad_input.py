@@ -242,12 +242,12 @@ async def test_headers_over_the_limit_get_431_and_the_connection_closes(
                 if not await connection.send(request[i : i + piece]):
                     break  # refused before it was all sent
                 if i == 0 and piece < size:
-                    # Past the accept-time look at the first bytes (listener.PEEK_WAIT):
-                    # from here on Hypercorn reads the pieces as they come, instead of
-                    # finding the whole head waiting in one read.
+                    # The client pauses (by design) past the accept-time look at the first
+                    # bytes (listener.PEEK_WAIT): from here on Hypercorn reads the pieces as
+                    # they come, instead of finding the whole head waiting in one read.
                     await trio.sleep(listener.PEEK_WAIT + 0.3)
                 elif piece < size:
-                    await trio.sleep(0.001)
+                    await trio.sleep(0.001)  # pieces apart, as a slow sender's
             received = await connection.read(within=5)  # to the server's close
         assert status_of(received) == 431, received[:300]
         assert b"connection: close" in received.lower()

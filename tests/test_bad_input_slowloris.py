@@ -132,6 +132,7 @@ def _p99(values: list[float]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.quiet  # /health latency percentiles
 async def test_health_stays_fast_while_fifty_slowloris_connections_trickle(
     state_dir: Path,
 ) -> None:

@@ -31,8 +31,8 @@ from trioserve.host.cleanup import (
     find_leftovers,
     kill_leftovers,
 )
+from trioserve.host.identity import process_start_time, read_boot_id
 from trioserve.host.store import DaemonRow, InstanceLock, StateStore
-from trioserve.supervision.process import process_start_time, read_boot_id
 
 # Prints "ready" once its signal handling is set up, so a test never races the handler.
 CHILD = r"""

@@ -172,9 +172,7 @@ def processes(daemon: DaemonProcess, instance: str, counts: dict[str, int]) -> d
 
 
 def model_said(daemon: DaemonProcess, model: str, text: str) -> bool:
-    response = httpx.get(
-        f"{daemon.url}/admin/models/{model}/logs", params={"tail": 50}, timeout=10, trust_env=False
-    )
+    response = daemon.http.get(f"/admin/models/{model}/logs", params={"tail": 50}, timeout=10)
     return response.status_code == 200 and text in response.text
 
 
@@ -450,21 +448,25 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
     except BaseException:
         os.close(terminal.master)
         raise
+    # One client for every call (see DaemonProcess.http), closed at the end.
+    http = httpx.Client(
+        base_url=url, timeout=30, trust_env=False, limits=httpx.Limits(keepalive_expiry=1)
+    )
     try:
 
         def healthy() -> bool:
             assert daemon.poll() is None, f"daemon exited:\n{terminal.text()}"
             terminal.drain()
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200
+                return http.get("/health", timeout=1).status_code == 200
             return False
 
         wait_until(healthy, f"daemon healthy:\n{terminal.text()}")
         assert psutil.Process(daemon.pid).terminal() == tty  # its controlling terminal
         assert os.getsid(daemon.pid) == daemon.pid
-        response = httpx.post(f"{url}/admin/models/echo/load", timeout=30, trust_env=False)
+        response = http.post("/admin/models/echo/load")
         assert response.status_code == 200, response.text
-        status = httpx.get(f"{url}/admin/status", timeout=10, trust_env=False).json()
+        status = http.get("/admin/status").json()
         instance, echo = status["instance"], status["models"]["echo"]["pid"]
         guard = wait_until(lambda: guards_of(daemon.pid), "the guard")[0]
         assert "listening on" in terminal.text()
@@ -477,7 +479,7 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
 
         def reloaded() -> bool:
             assert daemon.poll() is None, f"the hang-up ended the daemon ({daemon.returncode})"
-            status = httpx.get(f"{url}/admin/status", timeout=10, trust_env=False).json()
+            status = http.get("/admin/status").json()
             return "echo2" in status["models"]
 
         wait_until(reloaded, "the hang-up's SIGHUP reloaded the config")
@@ -487,17 +489,15 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
             assert response.status_code == 200, response.text
         assert daemon.poll() is None
         assert alive(echo) and alive(guard)
-        status = httpx.get(f"{url}/admin/status", timeout=10, trust_env=False).json()
+        status = http.get("/admin/status").json()
         assert status["models"]["echo"]["pid"] == echo
         # It keeps logging (health checks, a load and an unload, another SIGHUP) into the dead
         # terminal without crashing or spinning.
         for action in ("unload", "load"):
-            response = httpx.post(f"{url}/admin/models/echo/{action}", timeout=30, trust_env=False)
+            response = http.post(f"/admin/models/echo/{action}")
             assert response.status_code == 200, response.text
         os.kill(daemon.pid, signal.SIGHUP)
-        echo = httpx.get(f"{url}/admin/status", timeout=10, trust_env=False).json()["models"][
-            "echo"
-        ]["pid"]
+        echo = http.get("/admin/status").json()["models"]["echo"]["pid"]
         before = {pid: cpu_seconds(pid) for pid in (daemon.pid, guard)}
         time.sleep(2)
         used = {pid: round(cpu_seconds(pid) - spent, 2) for pid, spent in before.items()}
@@ -513,6 +513,7 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
             assert set(exits.ended) == {echo, guard}
         assert children_with_marker(instance) == []
     finally:
+        http.close()
         if daemon.poll() is None:
             daemon.kill()
         daemon.wait()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trioserve.gateway.fair_queue import FairQueue, Refused, Waiter, WaiterState
-from trioserve.gateway.identity import User
+from trioserve.sharing.fair_queue import FairQueue, Refused, Waiter, WaiterState
+from trioserve.sharing.identity import User
 
 
 class OneSlot:

@@ -100,7 +100,7 @@ async def test_requests_racing_unload_ttl_and_eviction_all_get_clean_answers(
         server={"first_byte_timeout": 15, "request_timeout": 20},
         supervisor={"max_loaded": 1, "stop_grace": 2},
     )
-    before = Resources.now()
+    before = Resources.baseline()
     statuses: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
     broken: list[str] = []

@@ -4,14 +4,16 @@ it, and in both cases the backend sees the cancellation (its ``cancelled`` count
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
-from tests.support.config import echo_config
-from tests.support.daemon import running_daemon
-from tests.support.http import assert_openai_error, chat, read_sse
+from tests.support.config import daemon_config, echo_cmd, echo_config
+from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.http import assert_openai_error, chat, read_sse, sse_lines
 from tests.support.status import load_model, wait_for_stats
 
 
@@ -47,22 +49,50 @@ async def test_request_timeout_mid_stream_ends_with_an_error_event(state_dir: Pa
         await wait_for_stats(port, "cancelled", 1)
 
 
-async def test_stream_idle_timeout_ends_a_stalled_stream(state_dir: Path) -> None:
-    # Tokens every 2 s, idle limit 0.5 s: the gap between chunks trips it.
-    config = echo_config(
-        state_dir,
-        "--tokens",
-        "5",
-        "--token-delay",
-        "2",
-        server={"stream_idle_timeout": 0.5, "first_byte_timeout": 10},
+# The stream-idle case: tokens TOKEN_GAP apart, IDLE allowed between two. The first token ends
+# the first_byte_timeout phase; the gap after it trips the idle deadline, which fires between
+# IDLE and IDLE + its slack (IdleDeadline: at most 1/8 of it) after the last chunk, long before
+# the next token or any other deadline would end the stream.
+IDLE = 0.8
+TOKEN_GAP = 3.0
+
+
+async def test_stream_idle_timeout_ends_a_stalled_stream(
+    tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # The daemon runs as its own process: what is timed is its deadline, not this test's loop.
+    config, url = daemon_config(
+        tmp_path / "c.toml",
+        tmp_path / "state",
+        {"echo": {"cmd": echo_cmd("--tokens", "5", "--token-delay", str(TOKEN_GAP))}},
+        server={"stream_idle_timeout": IDLE, "first_byte_timeout": 20, "request_timeout": 30},
     )
-    async with running_daemon(config) as (_, client):
-        port = (await load_model(client, "echo"))["port"]
-        response = await client.post("/v1/chat/completions", json=chat(stream=True))
-        # Two seconds to the first token exceeds the idle limit only once streaming began;
-        # before the first byte, first_byte_timeout rules. Either way: no hang, an error.
-        assert response.status_code in (200, 504)
-        if response.status_code == 200:
-            assert '"code": "timeout"' in response.text
+    daemon = spawn_daemon(config, url)
+    port = daemon.load("echo")["port"]
+    arrivals: list[tuple[float, str]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as client:
+        sent_at = trio.current_time()
+        body = chat(stream=True)
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in sse_lines(response):
+                arrivals.append((trio.current_time(), line))
+        ended_at = trio.current_time()
         await wait_for_stats(port, "cancelled", 1)
+    data = [(at, line.removeprefix("data: ")) for at, line in arrivals if line.startswith("data:")]
+    # One token, then the error event as the stream's last: the idle deadline ended it.
+    assert len(data) == 2, data
+    (token_at, token), (_, last) = data
+    assert json.loads(token)["choices"][0]["delta"], token
+    error = json.loads(last)["error"]
+    assert set(error) == {"message", "type", "code"} and error["code"] == "timeout", error
+    assert error["message"] == (
+        f"model 'echo' sent nothing for stream_idle_timeout ({IDLE:g}s); "
+        "the upstream request was aborted"
+    ), error
+    # Not before: the idle time counts from the last chunk, which came TOKEN_GAP after the
+    # request reached the backend (so after we sent it).
+    assert ended_at - sent_at >= TOKEN_GAP + IDLE, ended_at - sent_at
+    # Not at another deadline: long before the next token would have come (TOKEN_GAP), and
+    # first_byte_timeout and request_timeout are further still.
+    assert ended_at - token_at < IDLE + (TOKEN_GAP - IDLE) / 2, ended_at - token_at

@@ -49,8 +49,9 @@ async def test_a_client_slower_than_its_stream_gets_every_token_in_order(
         await client.post("/admin/models/echo/load")
         async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
             await conn.send(raw_post(chat(stream=True, text=WORDS)))
-            # The daemon fills the socket and must wait for us (partial writes).
-            await trio.sleep(0.5)
+            # The daemon fills the socket and must wait for us (partial writes) before we
+            # read a byte.
+            await conn.wait_server_unsent(RECEIVE_BUFFER)
             raw = await conn.read(within=60)
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head

@@ -22,7 +22,7 @@ import trio
 from tests.support.guard_parent import Adopter, Exits, Parent
 from trioserve.host.guard import Registry, Tracked, read_proc, stop_all
 from trioserve.host.guard_client import Guard, GuardError
-from trioserve.supervision.process import process_start_time
+from trioserve.host.identity import process_start_time
 
 # The bound: every model process gone within stop_grace + 0.5 s of the daemon's death.
 BOUND = 0.5

@@ -8,7 +8,7 @@ import pytest
 
 from trioserve.config import Config, parse_config
 from trioserve.errors import InvalidApiKey
-from trioserve.gateway.identity import (
+from trioserve.sharing.identity import (
     ANONYMOUS,
     User,
     bearer_token,

@@ -23,7 +23,7 @@ from tests.support.http import blocking_exchange, raw_address
 from trioserve import daemon
 from trioserve.config import Config
 from trioserve.server import listener
-from trioserve.server.listener import Verdict, classify
+from trioserve.server.first_bytes import Verdict, classify
 from trioserve.supervision.supervisor import Supervisor
 from trioserve_cli import daemon_cmds
 from trioserve_cli.main import app

@@ -174,6 +174,7 @@ async def test_chat_answer(state_dir: Path) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
+@pytest.mark.quiet  # the pace of llama-server's chunks
 async def test_stream_arrives_incrementally(state_dir: Path) -> None:
     config = make_config(state_dir, {MODEL: llama_model()})
     async with running_daemon(config) as (info, client), sdk(info) as oai:
@@ -243,6 +244,7 @@ async def test_two_concurrent_requests(state_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+@pytest.mark.quiet  # cancellation within 3 s of llama-server's
 async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> None:
     # One slot: if llama-server went on generating for the gone client, the next request
     # would wait for the rest of it (~20 s).
@@ -274,6 +276,7 @@ async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> Non
     [(True, "request_timeout"), (False, "first_byte_timeout")],
     ids=["stream-request_timeout", "non-stream-first_byte_timeout"],
 )
+@pytest.mark.quiet  # deadlines to the second, with llama-server computing
 async def test_deadline_aborts_generation(state_dir: Path, stream: bool, deadline: str) -> None:
     config = make_config(state_dir, {MODEL: llama_model(parallel=1)}, server={deadline: 3})
     async with running_daemon(config) as (info, client), sdk(info) as oai:

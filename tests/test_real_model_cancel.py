@@ -98,6 +98,7 @@ def report(what: str, figures: list[float]) -> str:
     )
 
 
+@pytest.mark.quiet  # FREED_WITHIN, with llama-server computing
 async def test_a_hang_up_of_a_non_streaming_request_frees_the_slot(state_dir: Path) -> None:
     async with running_daemon(llama_config(state_dir)) as (info, client):
         port = (await load_model(client, MODEL, timeout=60))["port"]
@@ -115,6 +116,7 @@ async def test_a_hang_up_of_a_non_streaming_request_frees_the_slot(state_dir: Pa
     assert max(figures) < FREED_WITHIN, report("hang-up", figures)
 
 
+@pytest.mark.quiet  # FREED_WITHIN, with llama-server computing
 async def test_a_non_streaming_504_frees_the_slot(state_dir: Path) -> None:
     config = llama_config(state_dir, first_byte_timeout=1.5)
     async with running_daemon(config) as (_, client):

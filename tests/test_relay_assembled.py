@@ -24,8 +24,15 @@ from tests.support.assembly import comparable
 from tests.support.config import echo_cmd, make_config, model_server_cmd
 from tests.support.daemon import running_daemon
 from tests.support.http import RawConnection, assert_openai_error, chat, raw_post
-from tests.support.status import backend_stats, load_model, wait_for_stats, wait_for_status
+from tests.support.status import (
+    backend_stats,
+    direct_client,
+    load_model,
+    wait_for_stats,
+    wait_for_status,
+)
 from trioserve.config import Config
+from trioserve.gateway.assemble import Assembler
 
 pytestmark = [
     # The SDK leaves its SSE async generators unexhausted when a stream ends at [DONE]; the
@@ -213,36 +220,61 @@ async def test_a_backend_error_is_the_status_and_body_of_the_non_streamed_reques
 # -- cancellation -----------------------------------------------------------------------------
 
 
+class FedChunks:
+    """A spy on ``Assembler.feed``: ``reached`` is set once the daemon's assemblers (in this
+    trio run) were fed ``at_least`` upstream reads, the sign that an assembly is under way."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at_least: int) -> None:
+        self.count = 0
+        self.reached = trio.Event()
+        feed = Assembler.feed
+
+        def counted(assembler: Assembler, data: bytes) -> None:
+            self.count += 1
+            if self.count >= at_least:
+                self.reached.set()
+            feed(assembler, data)
+
+        monkeypatch.setattr(Assembler, "feed", counted)
+
+
 @pytest.mark.parametrize(
     ("model", "path"),
     [("echo", CHAT), ("echo", COMPLETIONS), ("plain", CHAT)],
     ids=["assembled-chat", "assembled-completion", "stream_upstream-false-chat"],
 )
+@pytest.mark.quiet  # CANCEL_WITHIN, 0.2 s
 async def test_a_client_hanging_up_cancels_the_upstream_generation(
-    state_dir: Path, model: str, path: str
+    state_dir: Path, model: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 200 tokens × 50 ms: 10 s of generation, far longer than the test waits.
     config = two_models(state_dir, "--tokens", "200", "--token-delay", "0.05")
-    async with running_daemon(config) as (info, client):
+    fed = FedChunks(monkeypatch, at_least=3)
+    async with running_daemon(config) as (info, client), direct_client() as direct:
         port = (await load_model(client, model))["port"]
         connection = await RawConnection.open(info.url)
         assert await connection.send(raw_post(request(path, model), path=path))
-        await wait_for_stats(port, "started", 1)
-        await trio.sleep(0.2)  # a few tokens in: the upstream stream is under way
+        await wait_for_stats(port, "started", 1, client=direct)
+        if model == "echo":
+            # A few tokens in: the upstream stream is under way, its answer half assembled.
+            with trio.fail_after(10):
+                await fed.reached.wait()
+        # (``plain``'s backend computes its whole answer, 10 s, before it sends a byte.)
         await connection.aclose()
         closed_at = trio.current_time()
-        stats = await wait_for_stats(port, "cancelled", 1)
+        stats = await wait_for_stats(port, "cancelled", 1, client=direct)
         took = trio.current_time() - closed_at
         assert took < CANCEL_WITHIN, f"the backend saw the hang-up {took:.3f}s later"
         assert stats["completed"] == 0
         await wait_for_status(client, model, "in_flight", 0)
 
 
+@pytest.mark.quiet  # CANCEL_WITHIN, 0.2 s
 async def test_first_byte_timeout_bounds_the_whole_assembled_answer(state_dir: Path) -> None:
     # The upstream stream's first chunk comes at once; the client's first byte is the whole
     # answer (5 s away), as it was when the backend sent it whole at the end.
     config = two_models(state_dir, "--tokens", "100", "--token-delay", "0.05", first_byte_timeout=1)
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config) as (_, client), direct_client() as direct:
         port = (await load_model(client, "echo"))["port"]
         start = trio.current_time()
         response = await client.post(CHAT, json=request(CHAT, "echo"))
@@ -250,7 +282,7 @@ async def test_first_byte_timeout_bounds_the_whole_assembled_answer(state_dir: P
         error = assert_openai_error(response, 504, "timeout")
         assert "first_byte_timeout" in error["message"], error
         assert 0.9 < answered_at - start < 2, answered_at - start
-        stats = await wait_for_stats(port, "cancelled", 1)
+        stats = await wait_for_stats(port, "cancelled", 1, client=direct)
         assert trio.current_time() - answered_at < CANCEL_WITHIN
         assert stats["completed"] == 0
 

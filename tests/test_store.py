@@ -15,8 +15,8 @@ import trio
 
 from tests.support.config import health_server_cmd, make_config
 from tests.support.daemon import running_supervisor_with_store
+from trioserve.host.identity import read_boot_id
 from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
-from trioserve.supervision.process import read_boot_id
 
 
 def test_database_is_in_wal_mode(state_dir: Path) -> None:

@@ -20,7 +20,8 @@ import trio
 
 from tests.support.config import health_server_cmd, make_config
 from tests.support.daemon import running_supervisor
-from trioserve.supervision.process import ChildProcess, child_env
+from trioserve.host.child_env import child_env
+from trioserve.supervision.process import ChildProcess
 from trioserve.supervision.ringbuffer import OutputRing
 
 IGNORES_SIGTERM = (

@@ -51,12 +51,20 @@ class Daemon:
         self.process = self._spawn(self.config, self.url)
 
     def post(self, path: str) -> httpx.Response:
-        return httpx.post(self.url + path, headers=self.headers, timeout=30, trust_env=False)
+        return self.process.http.post(path, headers=self.headers)
 
     def state(self, model: str) -> str:
-        status = httpx.get(self.url + "/admin/status", headers=self.headers, trust_env=False)
+        status = self.process.http.get("/admin/status", headers=self.headers)
         state: str = status.json()["models"][model]["state"]
         return state
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A headless Chromium for this test (here, not in conftest.py: the other tests never
+    import Playwright)."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -6,22 +6,24 @@ finish within ``shutdown_grace``, then stop every child in parallel, record it, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from trioserve.config import Config, is_loopback
+from trioserve.daemon_control import DaemonControl
+from trioserve.daemon_watchers import report_status, status_line, sweep_on_model_events
 from trioserve.gateway.activity import ActivityHistory
-from trioserve.gateway.admin import build_admin_app
+from trioserve.gateway.admin import AdminContext, build_admin_app
 from trioserve.gateway.app import Gateway
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.relay import Relay
@@ -30,14 +32,14 @@ from trioserve.gateway.upstream import KeepAlivePool
 from trioserve.gateway.usage import UsageBook
 from trioserve.host.cleanup import reclaim_leftovers
 from trioserve.host.guard_client import Guard, GuardError
+from trioserve.host.identity import process_start_time, read_boot_id
 from trioserve.host.notify import SystemdNotifier
 from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
-from trioserve.reload import Reloader, ReloadRefused
+from trioserve.reload import Reloader
 from trioserve.reload_plan import ReloadPlan
-from trioserve.server.hypercorn_serve import hypercorn_config, serve
+from trioserve.server.hypercorn_serve import hypercorn_config, retune, serve
 from trioserve.supervision.events import EventBus
-from trioserve.supervision.process import process_start_time, read_boot_id
 from trioserve.supervision.supervisor import Supervisor
 
 from . import __version__
@@ -60,6 +62,7 @@ class DaemonInfo:
     instance: str
     url: str
     supervisor: Supervisor
+    hypercorn: Any  # the running server's hypercorn.config.Config (a reload retunes it)
 
 
 def _url_for(bind: str) -> str:
@@ -80,6 +83,7 @@ async def run_daemon(
     insecure: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_phase: Callable[[str], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``shutdown_trigger`` returns).
@@ -87,6 +91,8 @@ async def run_daemon(
     ``on_ready`` is called once, in the loop, when the daemon is listening and everything it
     keeps is loaded, before READY and ``task_status.started``. The daemon changes no
     process-wide setting itself; the process's owner (``trioserve start``) tunes it there.
+    ``on_phase`` is awaited as each phase of the start-up begins (``PHASES``), for callers that
+    want to watch it.
     """
     server = config.server
     if not is_loopback(server.host) and not config.all_api_keys and not insecure:
@@ -94,6 +100,33 @@ async def run_daemon(
             f"refusing to listen on {server.host} with no api_keys: anyone on the network could "
             "use your models. Set [server] api_keys, bind to 127.0.0.1, or pass --insecure."
         )
+    control = DaemonControl(on_phase, on_ready=on_ready, shutdown_trigger=shutdown_trigger)
+    try:
+        # The signals are ours before the daemon owns anything (lock, guard, leftovers): until
+        # a handler is installed, SIGHUP's default action would end the daemon, and SIGTERM's
+        # would skip the stopping of its children.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(control.watch_signals, signals, nursery)
+                with control.start_scope:
+                    await _run_owned(config, control, task_status)
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Nurseries (ours and Hypercorn's) wrap everything in groups; a refusal to start or a
+        # second Ctrl-C is one plain exception to the caller, so the CLI can print one line.
+        for kind in (KeyboardInterrupt, DaemonError):
+            leaf = _leaf(group, kind)
+            if leaf is not None:
+                raise leaf from group
+        raise
+
+
+async def _run_owned(
+    config: Config,
+    control: DaemonControl,
+    task_status: trio.TaskStatus[DaemonInfo],
+) -> None:
+    await control.phase("lock")
     state_dir = config.state_dir
     lock = InstanceLock(state_dir)
     try:
@@ -104,15 +137,7 @@ async def run_daemon(
     except OSError as exc:
         raise DaemonError(f"cannot use state_dir {state_dir}: {exc}") from exc
     try:
-        await _run_locked(config, state_dir, shutdown_trigger, on_ready, task_status)
-    except BaseExceptionGroup as group:
-        # Nurseries (ours and Hypercorn's) wrap everything in groups; a refusal to start or a
-        # second Ctrl-C is one plain exception to the caller, so the CLI can print one line.
-        for kind in (KeyboardInterrupt, DaemonError):
-            leaf = _leaf(group, kind)
-            if leaf is not None:
-                raise leaf from group
-        raise
+        await _run_locked(config, state_dir, control, task_status)
     finally:
         lock.release()
 
@@ -144,32 +169,42 @@ def _already_running(state_dir: Path, exc: InstanceLocked) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Owned:
+    """What the host side of a run owns, for the serving part."""
+
+    config: Config
+    row: DaemonRow
+    store: StateStore
+    writer: StoreWriter
+    notifier: SystemdNotifier
+    guard: Guard
+
+
 async def _run_locked(
     config: Config,
     state_dir: Path,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None,
-    on_ready: Callable[[], None] | None,
+    control: DaemonControl,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
     store = StateStore(state_dir)
     instance = uuid.uuid4().hex[:12]
-    notifier = SystemdNotifier.from_env()
     pid = os.getpid()
-    started_at = time.time()
     row = DaemonRow(
         instance=instance,
         pid=pid,
         pid_start_time=process_start_time(pid),
         boot_id=read_boot_id(),
         url=_configured_url(config),
-        started_at=started_at,
+        started_at=time.time(),
         stopped_at=None,
     )
     # Recorded before anything else, so `trioserve stop` and `cleanup` see this daemon (and
     # leave its children alone) from its first moment; the URL is corrected once bound.
+    await control.phase("record")
     await trio.to_thread.run_sync(store.record_daemon, row)
-    writer = StoreWriter(store)
     try:
+        await control.phase("reclaim")
         reclaimed = await trio.to_thread.run_sync(
             lambda: reclaim_leftovers(
                 store, live_instance=instance, grace=config.supervisor.stop_grace
@@ -177,11 +212,9 @@ async def _run_locked(
         )
         for line in reclaimed:
             log.warning("startup cleanup: %s", line)
-        # The writer lives in a nursery of its own, outside everything that submits to it:
-        # when the rest has finished, it is closed and drains what is queued (children's final
-        # states) instead of being cancelled with those writes still pending.
         # The guard outlives everything that spawns: it learns each child before any request
         # can reach it, and is told goodbye only once every child was stopped and reaped.
+        await control.phase("guard")
         guard = Guard(instance=instance, grace=config.supervisor.stop_grace)
         async with trio.open_nursery() as guard_nursery:
             try:
@@ -189,23 +222,12 @@ async def _run_locked(
             except GuardError as exc:
                 raise DaemonError(f"cannot start the guard process: {exc}") from exc
             try:
-                async with trio.open_nursery() as store_nursery:
-                    await store_nursery.start(writer.run)
-                    try:
-                        await _serve(
-                            config,
-                            instance,
-                            row,
-                            store,
-                            writer,
-                            notifier,
-                            guard,
-                            shutdown_trigger,
-                            on_ready,
-                            task_status,
-                        )
-                    finally:
-                        writer.close()
+                owned = _Owned(
+                    config, row, store, StoreWriter(store), SystemdNotifier.from_env(), guard
+                )
+                await control.phase("store")
+                async with _store_writer(owned.writer):
+                    await _serve(owned, control, task_status)
             finally:
                 guard.close()
                 await guard.wait_closed()
@@ -215,173 +237,179 @@ async def _run_locked(
     log.info("trioserve stopped")
 
 
+@asynccontextmanager
+async def _store_writer(writer: StoreWriter) -> AsyncIterator[None]:
+    """The writer lives in a nursery of its own, outside everything that submits to it: when
+    the rest has finished, it is closed and drains what is queued (children's final states)
+    instead of being cancelled with those writes still pending."""
+    async with trio.open_nursery() as store_nursery:
+        await store_nursery.start(writer.run)
+        try:
+            yield
+        finally:
+            writer.close()
+
+
+class _Reloadable:
+    """Everything a reload switches over, in one step with no checkpoint (``apply``)."""
+
+    def __init__(self, supervisor: Supervisor, usage: UsageBook, guard: Guard, hyper: Any) -> None:
+        self.supervisor = supervisor
+        self.usage = usage
+        self.guard = guard
+        self.hyper = hyper
+        self.configured: list[Any] = []  # objects with a ``config`` attribute: relay, gateway
+
+    def apply(self, new: Config, plan: ReloadPlan) -> None:
+        self.supervisor.apply_config(new, plan)
+        for part in self.configured:
+            part.config = new
+        self.usage.set_users(new.users)
+        self.guard.set_grace(new.supervisor.stop_grace)
+        retune(self.hyper, new)
+
+
 async def _serve(
-    config: Config,
-    instance: str,
-    row: DaemonRow,
-    store: StateStore,
-    writer: StoreWriter,
-    notifier: SystemdNotifier,
-    guard: Guard,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None,
-    on_ready: Callable[[], None] | None,
+    owned: _Owned,
+    control: DaemonControl,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
+    config, notifier = owned.config, owned.notifier
     metrics = Metrics()
-    events = EventBus()
-    stop_requested = trio.Event()
-
-    async def trigger() -> None:
-        if shutdown_trigger is None:
-            await stop_requested.wait()
-            return
-        async with trio.open_nursery() as nursery:
-
-            async def external() -> None:
-                await shutdown_trigger()
-                stop_requested.set()
-
-            nursery.start_soon(external)
-            await stop_requested.wait()
-            nursery.cancel_scope.cancel()
-
-    def apply(new: Config, plan: ReloadPlan) -> None:
-        """A reload, put in force in one step (no checkpoint)."""
-        supervisor.apply_config(new, plan)
-        relay.config = gateway.config = new
-        usage.set_users(new.users)
-        guard.set_grace(new.supervisor.stop_grace)
-
-    reloader = Reloader(config, apply, notifier)
-    async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, stop_requested, reloader)
-        async with trio.open_nursery() as core:
-            supervisor = Supervisor(
-                config, instance=instance, events=events, store=writer, guard=guard
-            )
-            supervisor.on_spawn = metrics.spawned
-            supervisor.on_failure = metrics.failed
-            metrics.watch_models(supervisor.status)
-            await core.start(supervisor.run)
-            # Concurrency per model is bounded by admission, not by the pool.
-            pool = KeepAlivePool(max_idle_per_backend=IDLE_PER_BACKEND, keepalive_expiry=5.0)
-            core.start_soon(_sweep_on_model_events, pool, supervisor)
-            async with pool:
-                usage = UsageBook(metrics.registry, config.users)
-                activity = ActivityHistory(supervisor.status, usage)
-                await core.start(activity.run)
-                stream_ends = StreamEnds()
-                admin = build_admin_app(
+    async with trio.open_nursery() as core:
+        await control.phase("supervisor")
+        supervisor = Supervisor(
+            config,
+            instance=owned.row.instance,
+            events=EventBus(),
+            store=owned.writer,
+            guard=owned.guard,
+        )
+        supervisor.on_spawn = metrics.spawned
+        supervisor.on_failure = metrics.failed
+        metrics.watch_models(supervisor.status)
+        await core.start(supervisor.run)
+        await control.phase("gateway")
+        # Concurrency per model is bounded by admission, not by the pool.
+        pool = KeepAlivePool(max_idle_per_backend=IDLE_PER_BACKEND, keepalive_expiry=5.0)
+        core.start_soon(sweep_on_model_events, pool, supervisor)
+        async with pool:
+            usage = UsageBook(metrics.registry, config.users)
+            activity = ActivityHistory(supervisor.status, usage)
+            await core.start(activity.run)
+            hyper = hypercorn_config(config)
+            live = _Reloadable(supervisor, usage, owned.guard, hyper)
+            reloader = Reloader(config, live.apply, notifier)
+            stream_ends = StreamEnds()
+            admin = build_admin_app(
+                AdminContext(
                     reloader,
                     supervisor,
                     metrics,
                     usage,
                     activity,
                     stream_ends,
-                    instance=instance,
-                    started_at=row.started_at,
+                    instance=owned.row.instance,
+                    started_at=owned.row.started_at,
                     version=__version__,
-                    pid=row.pid,
+                    pid=owned.row.pid,
                 )
-                relay = Relay(config, supervisor, pool, metrics, usage)
-                gateway = Gateway(config, relay, admin)
-                hyper = hypercorn_config(config)
-                served = trio.Event()
-
-                async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-                    try:
-                        await serve(
-                            gateway,
-                            hyper,
-                            shutdown_trigger=trigger,
-                            # Read at the stop: a reload changes it too.
-                            drain_quiet=lambda: gateway.config.server.drain_quiet,
-                            task_status=task_status,
-                        )
-                    finally:
-                        served.set()
-
-                try:
-                    binds = await core.start(run_server)
-                except (OSError, BaseExceptionGroup) as exc:
-                    bind_error = _leaf(exc, OSError)
-                    if bind_error is None:
-                        raise
-                    raise DaemonError(
-                        f"cannot listen on {config.server.host}:{config.server.port}: "
-                        f"{bind_error.strerror or bind_error}"
-                    ) from exc
-                url = _url_for(binds[0]) if binds else row.url
-                bound = replace(row, url=url)
-                await writer.call(lambda: store.record_daemon(bound))
-                log.info("trioserve %s listening on %s (instance %s)", __version__, url, instance)
-                if on_ready is not None:
-                    # Everything the daemon keeps for its lifetime now exists: modules, apps,
-                    # config, supervisor, the listener.
-                    on_ready()
-                # READY only now: the listener is bound and the startup cleanup is done.
-                await notifier.ready(status=_status_line(supervisor))
-                await core.start(notifier.run_watchdog)
-                core.start_soon(_report_status, notifier, supervisor)
-                task_status.started(DaemonInfo(instance, url, supervisor))
-                await stop_requested.wait()
-                reloader.closed = True
-                # Event streams never end by themselves: ended now, they hold no stop.
-                stream_ends.close()
-                log.info("shutting down: draining requests, then stopping models")
-                await notifier.stopping(status="stopping: draining requests, then models")
-                # The server drains (/health says 503 "draining" while requests are still
-                # served, until none has been in flight for a moment: hypercorn_serve.Drain),
-                # then stops accepting; in-flight requests have until shutdown_grace after the
-                # stop request. Then the supervisor is cancelled, which stops every child in
-                # parallel and reaps it.
-                with trio.move_on_after(config.server.shutdown_grace + 1):
-                    await served.wait()
-                core.cancel_scope.cancel()
-        outer.cancel_scope.cancel()
+            )
+            relay = Relay(config, supervisor, pool, metrics, usage)
+            gateway = Gateway(config, relay, admin)
+            live.configured += [relay, gateway]
+            await control.phase("listen")
+            served = trio.Event()
+            url = await _listen(core, owned, gateway, hyper, control, served)
+            if control.on_ready is not None:
+                # Everything the daemon keeps for its lifetime now exists: modules, apps,
+                # config, supervisor, the listener.
+                control.on_ready()
+            await control.phase("ready")
+            # READY only now: the listener is bound and the startup cleanup is done.
+            await notifier.ready(status=status_line(supervisor, reloader))
+            await core.start(notifier.run_watchdog)
+            core.start_soon(report_status, notifier, supervisor, reloader)
+            control.started(reloader)
+            task_status.started(DaemonInfo(owned.row.instance, url, supervisor, hyper))
+            await control.stop_requested.wait()
+            await _shut_down(reloader, stream_ends, notifier, served, config)
+            core.cancel_scope.cancel()
 
 
-async def _watch_signals(stop_requested: trio.Event, reloader: Reloader) -> None:
-    """SIGTERM/SIGINT: graceful stop (a second one: stop models now). SIGHUP: reload the
-    config — never the default action, which would end the daemon when its terminal closes."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                log.info("received SIGHUP: reloading the config")
-                with contextlib.suppress(ReloadRefused):  # logged, and told to systemd
-                    await reloader.reload()
-            elif not stop_requested.is_set():
-                log.info("received %s", signal.Signals(signum).name)
-                stop_requested.set()
-            else:
-                log.warning("second signal: stopping models now")
-                raise KeyboardInterrupt
+async def _listen(
+    core: trio.Nursery,
+    owned: _Owned,
+    gateway: Gateway,
+    hyper: Any,
+    control: DaemonControl,
+    served: trio.Event,
+) -> str:
+    """Start Hypercorn; returns the bound URL, recorded in the store. ``served`` is set once
+    the server has stopped."""
+
+    shutdown_trigger = control.shutdown_trigger
+
+    async def trigger() -> None:
+        if shutdown_trigger is None:
+            await control.stop_requested.wait()
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def external() -> None:
+                await shutdown_trigger()
+                control.stop_requested.set()
+
+            nursery.start_soon(external)
+            await control.stop_requested.wait()
+            nursery.cancel_scope.cancel()
+
+    async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(
+                gateway,
+                hyper,
+                shutdown_trigger=trigger,
+                # Read at the stop: a reload changes it too.
+                drain_quiet=lambda: gateway.config.server.drain_quiet,
+                task_status=task_status,
+            )
+        finally:
+            served.set()
+
+    server = owned.config.server
+    try:
+        binds = await core.start(run_server)
+    except (OSError, BaseExceptionGroup) as exc:
+        bind_error = _leaf(exc, OSError)
+        if bind_error is None:
+            raise
+        raise DaemonError(
+            f"cannot listen on {server.host}:{server.port}: {bind_error.strerror or bind_error}"
+        ) from exc
+    url = _url_for(binds[0]) if binds else owned.row.url
+    bound = replace(owned.row, url=url)
+    await owned.writer.call(lambda: owned.store.record_daemon(bound))
+    log.info("trioserve %s listening on %s (instance %s)", __version__, url, owned.row.instance)
+    return url
 
 
-def _status_line(supervisor: Supervisor) -> str:
-    states: dict[str, int] = {}
-    for info in supervisor.status().values():
-        states[info.state.value] = states.get(info.state.value, 0) + 1
-    ready = states.get("ready", 0)
-    return f"{ready} of {len(supervisor.models)} models ready; " + ", ".join(
-        f"{count} {state}" for state, count in sorted(states.items())
-    )
-
-
-async def _sweep_on_model_events(pool: KeepAlivePool, supervisor: Supervisor) -> None:
-    """A model that stopped or crashed leaves idle connections to a dead port: close them."""
-    async with supervisor.events.subscribe() as receive:
-        async for _event in receive:
-            try:
-                await pool.sweep()
-            except Exception:
-                # Housekeeping: a failure here must not take the daemon down.
-                log.exception("closing idle upstream connections failed")
-
-
-async def _report_status(notifier: SystemdNotifier, supervisor: Supervisor) -> None:
-    if not notifier.enabled:
-        return
-    async with supervisor.events.subscribe() as receive:
-        async for _event in receive:
-            await notifier.status(_status_line(supervisor))
+async def _shut_down(
+    reloader: Reloader,
+    stream_ends: StreamEnds,
+    notifier: SystemdNotifier,
+    served: trio.Event,
+    config: Config,
+) -> None:
+    """The graceful part of a stop; the caller then cancels the supervisor, which stops every
+    child in parallel and reaps it."""
+    reloader.closed = True
+    # Event streams never end by themselves: ended now, they hold no stop.
+    stream_ends.close()
+    log.info("shutting down: draining requests, then stopping models")
+    await notifier.stopping(status="stopping: draining requests, then models")
+    # The server drains (/health says 503 "draining" while requests are still served, until
+    # none has been in flight for a moment: hypercorn_serve.Drain), then stops accepting;
+    # in-flight requests have until shutdown_grace after the stop request.
+    with trio.move_on_after(config.server.shutdown_grace + 1):
+        await served.wait()

@@ -6,4 +6,5 @@ daemon: a daemon or supervisor to test against. status: what a running daemon re
 echo: the echo backend alone. cli: the command line. notify: systemd's end of NOTIFY_SOCKET.
 real_model: llama-server and the Gemma GGUF. assembly: the assembler fed reads, compared with
 the OpenAI SDK. guard_parent: a stand-in daemon for the guard (also run as a script).
+load_client: a light HTTP load client and /health probe, run as a script by path.
 """

@@ -89,7 +89,7 @@ async def _serve(args: Any) -> None:
     import trio
 
     from trioserve.host.guard_client import Guard
-    from trioserve.supervision.process import process_start_time
+    from trioserve.host.identity import process_start_time
 
     guard = Guard(
         instance=args.instance,

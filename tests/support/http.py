@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing, suppress
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,9 +137,36 @@ class RawConnection:
             f"still open); received {len(self._received)} bytes: {self.received[:300]!r}"
         )
 
+    def server_unsent(self) -> int:
+        """Bytes the server's end of this connection holds and could not hand over: with this
+        client's receive window full, what its sends wait on. From ``/proc/net/tcp`` (both
+        ends are on this host); on loopback a byte the window lets through is acknowledged at
+        once, so only a closed window leaves any."""
+        ours = _proc_net_address(self.stream.socket.getsockname())
+        theirs = _proc_net_address(self.stream.socket.getpeername())
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == theirs and fields[2] == ours:
+                return int(fields[4].partition(":")[0], 16)  # tx_queue:rx_queue
+        return 0
+
+    async def wait_server_unsent(self, at_least: int, *, within: float = 10.0) -> None:
+        """Until the server's end holds ``at_least`` bytes this client has not taken (see
+        ``server_unsent``): its sends wait for this client. (Polled: the kernel announces
+        nothing.)"""
+        with trio.fail_after(within):
+            while self.server_unsent() < at_least:
+                await trio.sleep(0.005)
+
     async def aclose(self) -> None:
         """Hang up."""
         await self.stream.aclose()
+
+
+def _proc_net_address(address: tuple[str, int]) -> str:
+    """An IPv4 ``(host, port)`` as ``/proc/net/tcp`` spells it: ``0100007F:1F90``."""
+    host, port = address[:2]
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
 
 
 async def raw_exchange(url: str, request: bytes, *, within: float = 10.0) -> bytes:

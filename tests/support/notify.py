@@ -32,11 +32,17 @@ class NotifyPeer:
     def drain(self) -> list[bytes]:
         """Every datagram queued so far, without blocking (trio's clock may be mocked)."""
         queued = []
+        # Non-blocking: with a timeout left by ``collect``, Python would wait it out.
+        self.sock.settimeout(0.0)
         while True:
             try:
-                queued.append(self.sock.recv(65536, socket.MSG_DONTWAIT))
+                queued.append(self.sock.recv(65536))
             except BlockingIOError:
                 return queued
+
+    def collect_queued(self) -> None:
+        """Keep what has arrived so far, without waiting (all a sender that exited has sent)."""
+        self.received.extend((time.monotonic(), data.decode()) for data in self.drain())
 
     def collect(self, seconds: float) -> None:
         """Keep what arrives for ``seconds`` (real time: the sender is another process)."""

@@ -6,11 +6,31 @@ import os
 import socket
 
 # Model ports come from below the kernel's ephemeral ports (32768 and up), which outgoing
-# connections of any program take at random. Test runs sharing the machine start at different
-# places in the pool (by pid), so their ranges rarely meet; when they do, the daemon's own
-# checks (never a bound port, the listener must be the child's) keep them apart.
+# connections of any program take at random. The pool is cut in slots of _SLOT ports.
 _POOL_FIRST, _POOL_END, _SLOT = 22000, 32760, 40
-_next = _POOL_FIRST + (os.getpid() * 7) % ((_POOL_END - _POOL_FIRST) // _SLOT) * _SLOT
+
+
+def _share() -> tuple[int, int, int]:
+    """``(first, end, start)``: the part of the pool this process hands out, and where.
+
+    A pytest-xdist worker (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``) has
+    slots of its own, so the workers of one run never hand out the same port. Any other process
+    (a serial run, a benchmark) takes the whole pool, starting at a place picked by its pid, so
+    that test runs sharing the machine rarely meet; when they do, the daemon's own checks
+    (never a bound port, the listener must be the child's) keep them apart.
+    """
+    slots = (_POOL_END - _POOL_FIRST) // _SLOT
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        per_worker = slots // count
+        first = _POOL_FIRST + int(worker.removeprefix("gw")) % count * per_worker * _SLOT
+        return first, first + per_worker * _SLOT, first
+    start = _POOL_FIRST + (os.getpid() * 7) % slots * _SLOT
+    return _POOL_FIRST, _POOL_FIRST + slots * _SLOT, start
+
+
+_FIRST, _END, _next = _share()
 
 
 def free_port() -> int:
@@ -24,8 +44,8 @@ def free_port() -> int:
 def port_range(size: int = _SLOT) -> list[int]:
     """``[first, last]``: ``size`` model ports, none of them handed out before in this run."""
     global _next
-    if _next + size > _POOL_END:
-        _next = _POOL_FIRST
+    if _next + size > _END:
+        _next = _FIRST
     first = _next
     _next += size
     return [first, first + size - 1]

@@ -4,6 +4,7 @@ open fds and trio tasks, and polling for what nothing announces."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -138,6 +139,14 @@ class Resources:
     def now(cls) -> Resources:
         me = psutil.Process()
         return cls(me.num_fds(), trio_task_count(), me.memory_info().rss)
+
+    @classmethod
+    def baseline(cls) -> Resources:
+        """``now()`` once the garbage of earlier tests in this process is collected: an fd
+        such garbage still holds would be closed by a collection during the test, and the
+        count after it would be lower than a baseline that counted it."""
+        gc.collect()
+        return cls.now()
 
 
 async def wait_for_baseline(

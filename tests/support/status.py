@@ -45,17 +45,38 @@ async def backend_port(client: httpx.AsyncClient, model: str) -> int:
     return int(info["port"])
 
 
-async def backend_stats(port: int) -> dict[str, int]:
-    """The echo backend's own counters (``/stats``): started, completed, cancelled."""
-    async with httpx.AsyncClient(trust_env=False) as direct:
-        response = await direct.get(f"http://127.0.0.1:{port}/stats")
+def direct_client() -> httpx.AsyncClient:
+    """A client for talking to a backend straight, past the daemon (``backend_stats``' ``client``).
+
+    Opened once per test, before what it times: making an ``httpx.AsyncClient`` costs tens of
+    milliseconds (its TLS context), which a poll that opens one each time would measure."""
+    return httpx.AsyncClient(trust_env=False)
+
+
+async def backend_stats(port: int, client: httpx.AsyncClient | None = None) -> dict[str, int]:
+    """The echo backend's own counters (``/stats``): started, completed, cancelled. Over
+    ``client`` (see ``direct_client``) when given, else over a client of its own."""
+    if client is None:
+        async with direct_client() as own:
+            return await backend_stats(port, own)
+    response = await client.get(f"http://127.0.0.1:{port}/stats")
     response.raise_for_status()
     return dict(response.json())
 
 
-async def wait_for_stats(port: int, key: str, at_least: int, within: float = 5.0) -> dict[str, int]:
-    """Poll the echo backend's /stats until ``key >= at_least``; returns the stats."""
+async def wait_for_stats(
+    port: int,
+    key: str,
+    at_least: int,
+    within: float = 5.0,
+    client: httpx.AsyncClient | None = None,
+) -> dict[str, int]:
+    """Poll the echo backend's /stats until ``key >= at_least``; returns the stats. Every poll
+    goes over one client (``client``, else one opened for the wait)."""
+    if client is None:
+        async with direct_client() as own:
+            return await wait_for_stats(port, key, at_least, within, own)
     with trio.fail_after(within):
-        while (stats := await backend_stats(port))[key] < at_least:
+        while (stats := await backend_stats(port, client))[key] < at_least:
             await trio.sleep(0.01)
     return stats

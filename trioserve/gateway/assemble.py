@@ -7,9 +7,8 @@ from the chunks (``Assembler``). Pure: no trio, no I/O; the relay feeds whatever
 read brought, so the SSE framing may be split anywhere.
 
 It runs for every token of a non-streaming answer, so a chunk costs one JSON decode plus a merge
-that appends strings to lists, and the answer's JSON is built once, at the end: 5.9-6.6 µs per
-llama-server chunk (300 bytes) fed one read at a time, against 3.8-4.0 µs for ``json.loads`` of
-it alone (1,000-token stream, best of 200 runs, CPU time, on the 2-core test machine).
+that appends strings to lists (``assemble_choice``), and the answer's JSON is built once, at the
+end: the decode, which any relay that reads the chunks pays, stays most of a chunk's cost.
 
 Errors: a backend that answers with another status, or not with ``text/event-stream``, is passed
 through unchanged. An event ``data: {"error": {...}}`` ends the answer with that body and the
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from trioserve.errors import UpstreamError
+from trioserve.gateway.assemble_choice import MergedChoice
 
 __all__ = [
     "ASSEMBLED_PATHS",
@@ -55,8 +55,6 @@ _STREAM_WITH_USAGE: Final = b',"stream":true,"stream_options":{"include_usage":t
 _NOT_EXTRA: Final = frozenset(
     {"id", "object", "created", "model", "choices", "usage", "obfuscation"}
 )
-# A choice's fields that are merged field by field; any other is copied (the last value).
-_CHOICE_FIELDS: Final = frozenset({"index", "delta", "text", "finish_reason", "logprobs"})
 _decode = json.JSONDecoder().decode
 # OpenAI's and llama-server's error types, for an in-stream error without a numeric code.
 _STATUS_BY_TYPE: Final[dict[str, int]] = {
@@ -78,8 +76,8 @@ def upstream_body(body: dict[str, Any], raw: bytes | None = None) -> bytes:
 
     Everything else the client sent is kept, ``stream_options`` keys included. ``raw``, the
     bytes ``body`` was parsed from, saves encoding it again when the client sent neither
-    ``stream`` nor ``stream_options``: the two keys are then added at its end (a 4 MB body is
-    copied in 0.3 ms rather than encoded again in 10-20 ms, a stall of the event loop).
+    ``stream`` nor ``stream_options``: the two keys are then added at its end. A copy costs far
+    less than encoding again, which for a body of megabytes would stall the event loop.
     """
     if raw is not None and body and "stream" not in body and "stream_options" not in body:
         end = raw.rfind(b"}")
@@ -123,89 +121,6 @@ class Assembled:
     body: bytes
 
 
-class _Choice:
-    """One choice as merged so far."""
-
-    __slots__ = (
-        "content",
-        "fields",
-        "finish_reason",
-        "has_logprobs",
-        "index",
-        "logprobs",
-        "message",
-        "other",
-        "role",
-        "tool_calls",
-    )
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.role: str | None = None
-        # String fields of a delta (content, reasoning_content, refusal; a completion's text):
-        # their pieces, joined once at the end. A null piece is not kept, but its key is.
-        self.content: list[str] = []
-        self.fields: dict[str, list[str]] = {"content": self.content}
-        # Other fields, of the delta (the message's) and of the choice: the last value.
-        self.message: dict[str, Any] = {}
-        self.other: dict[str, Any] = {}
-        self.tool_calls: dict[int, _ToolCall] = {}
-        self.logprobs: Any = None
-        self.has_logprobs = False  # the answer has the key when the chunks had it
-        self.finish_reason: Any = None
-
-
-class _ToolCall:
-    __slots__ = ("arguments", "function", "other")
-
-    def __init__(self) -> None:
-        self.arguments: list[str] = []
-        # id and type (of the call), name (of its function): the first value seen, as OpenAI
-        # sends them once, in the call's first chunk.
-        self.other: dict[str, Any] = {}
-        self.function: dict[str, Any] = {}
-
-    def merge(self, delta: dict[str, Any]) -> None:
-        for key, value in delta.items():
-            if key == "function":
-                if value is None:
-                    continue
-                for name, part in value.items():
-                    if name == "arguments":
-                        if part:
-                            self.arguments.append(part)
-                    elif part is not None and self.function.get(name) is None:
-                        self.function[name] = part
-            elif key != "index" and value is not None and self.other.get(key) is None:
-                self.other[key] = value
-
-    def to_json(self) -> dict[str, Any]:
-        call = {"id": self.other.get("id"), "type": self.other.get("type", "function")}
-        call.update((k, v) for k, v in self.other.items() if k not in call)
-        call["function"] = {
-            "name": self.function.get("name"),
-            **{k: v for k, v in self.function.items() if k != "name"},
-            "arguments": "".join(self.arguments),
-        }
-        return call
-
-
-def _merge_logprobs(merged: Any, new: Any) -> Any:
-    """Lists (chat ``content``/``refusal``, a completion's ``tokens``, ``token_logprobs``,
-    ``top_logprobs``, ``text_offset``) are concatenated; anything else, the last not None."""
-    if new is None:
-        return merged
-    if not isinstance(merged, dict) or not isinstance(new, dict):
-        return new
-    for key, value in new.items():
-        old = merged.get(key)
-        if isinstance(old, list) and isinstance(value, list):
-            old.extend(value)
-        elif value is not None or key not in merged:
-            merged[key] = list(value) if isinstance(value, list) else value
-    return merged
-
-
 class Assembler:
     """Feed it the upstream body as it arrives; ``result()`` is the non-streaming answer.
 
@@ -229,7 +144,7 @@ class Assembler:
         self._head: dict[str, Any] = {}  # id, created, model: the first value seen
         self._extra: dict[str, Any] = {}
         self._usage: Any = None
-        self._choices: dict[int, _Choice] = {}
+        self._choices: dict[int, MergedChoice] = {}
 
     @property
     def usage(self) -> Any:
@@ -296,12 +211,13 @@ class Assembler:
             )
         if not self._head:
             raise BrokenStream("the stream ended without a single answer chunk")
+        chat = self.kind == "chat"
         answer: dict[str, Any] = {
             "id": self._head.get("id"),
             "object": _OBJECT[self.kind],
             "created": self._head.get("created"),
             "model": self._head.get("model"),
-            "choices": [self._choice_json(self._choices[i]) for i in sorted(self._choices)],
+            "choices": [self._choices[i].to_json(chat=chat) for i in sorted(self._choices)],
         }
         if self._usage is not None:
             answer["usage"] = self._usage
@@ -316,7 +232,7 @@ class Assembler:
             self._done = True
             return
         try:
-            # On a str: json.loads of bytes first guesses their encoding (a third of its time).
+            # On a str: json.loads of bytes first guesses their encoding, on every chunk.
             chunk = _decode(data.decode())
         except ValueError:  # UnicodeDecodeError included
             raise BrokenStream(f"event {self._events} is not JSON: {data[:200]!r}") from None
@@ -336,8 +252,15 @@ class Assembler:
     def _merge(self, chunk: dict[str, Any]) -> None:
         if not self._head:
             self._head = {key: chunk.get(key) for key in ("id", "created", "model")}
+        choices = self._choices
         for choice in chunk.get("choices") or ():
-            self._merge_choice(choice)
+            index: int = choice.get("index", 0)
+            state = choices.get(index)
+            if state is None:
+                if not isinstance(index, int):
+                    raise TypeError(f"choice index {index!r}")
+                state = choices[index] = MergedChoice(index)
+            state.merge(choice)
         usage = chunk.get("usage")
         if usage is not None:
             self._usage = usage
@@ -352,94 +275,6 @@ class Assembler:
                 value = chunk[key]
                 if value is not None:
                     extra[key] = value
-
-    def _merge_choice(self, choice: dict[str, Any]) -> None:
-        index: int = choice.get("index", 0)
-        state = self._choices.get(index)
-        if state is None:
-            if not isinstance(index, int):
-                raise TypeError(f"choice index {index!r}")
-            state = self._choices[index] = _Choice(index)
-        delta = choice.get("delta")
-        if delta:
-            content = delta.get("content")
-            if len(delta) == 1 and content.__class__ is str:  # most chunks: one token of text
-                state.content.append(content)
-            else:
-                self._merge_delta(state, delta)
-        text = choice.get("text")  # a completion's
-        if text is not None:
-            _append(state.fields, "text", text)
-        finish_reason = choice.get("finish_reason")
-        if finish_reason is not None:
-            state.finish_reason = finish_reason
-        if "logprobs" in choice:
-            state.logprobs = _merge_logprobs(state.logprobs, choice["logprobs"])
-            state.has_logprobs = True
-        if choice.keys() <= _CHOICE_FIELDS:
-            return
-        other = state.other
-        for key, value in choice.items():
-            if key not in _CHOICE_FIELDS and (value is not None or key not in other):
-                other[key] = value
-
-    @staticmethod
-    def _merge_delta(state: _Choice, delta: dict[str, Any]) -> None:
-        for key, value in delta.items():
-            if key == "tool_calls":
-                for call in value or ():
-                    index = call["index"]
-                    merged = state.tool_calls.get(index)
-                    if merged is None:
-                        merged = state.tool_calls[index] = _ToolCall()
-                    merged.merge(call)
-            elif key == "role":
-                if state.role is None:
-                    state.role = value
-            elif isinstance(value, str) or value is None:
-                _append(state.fields, key, value)
-            else:
-                state.message[key] = value
-
-    # -- the answer ----------------------------------------------------------------------------
-
-    def _choice_json(self, state: _Choice) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": state.index}
-        if self.kind == "chat":
-            message: dict[str, Any] = {
-                "role": state.role or "assistant",
-                "content": "".join(state.content)
-                if state.content or not state.tool_calls
-                else None,
-            }
-            for key, parts in state.fields.items():
-                if key != "content":
-                    message[key] = "".join(parts) if parts else None
-            message.update(state.message)
-            if state.tool_calls:
-                message["tool_calls"] = [
-                    state.tool_calls[i].to_json() for i in sorted(state.tool_calls)
-                ]
-            choice["message"] = message
-        else:
-            choice["text"] = "".join(state.fields.get("text", ()))
-        if state.has_logprobs:
-            choice["logprobs"] = state.logprobs
-        choice["finish_reason"] = state.finish_reason
-        for key, value in state.other.items():
-            choice.setdefault(key, value)
-        return choice
-
-
-def _append(fields: dict[str, list[str]], key: str, value: str | None) -> None:
-    parts = fields.get(key)
-    if parts is None:
-        parts = fields[key] = []
-    if isinstance(value, str):
-        if value:
-            parts.append(value)
-    elif value is not None:
-        raise TypeError(f"{key} is {type(value).__name__}")
 
 
 def _lf_lines(buffer: bytes) -> bytes:

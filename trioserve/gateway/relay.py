@@ -24,19 +24,18 @@ from trioserve.errors import InvalidRequest, RequestTimeout, TrioserveError, Ups
 from trioserve.gateway.asgi import Receive, Scope, Send, header
 from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembler, upstream_body
 from trioserve.gateway.downstream import Downstream, Headers
-from trioserve.gateway.identity import bearer_token, identify, keys_required
 from trioserve.gateway.idle import IdleDeadline
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.progress import CLOSE, send_progress
 from trioserve.gateway.request import ClientGone, RelayedRequest, parse_body, read_body
 from trioserve.gateway.upstream import KeepAlivePool, UpstreamResponse
 from trioserve.gateway.usage import (
-    STREAM_TAIL_BYTES,
+    StreamUsage,
     UsageBook,
     usage_in_body,
-    usage_in_stream_tail,
     usage_of,
 )
+from trioserve.sharing.identity import bearer_token, identify, keys_required
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import ManagedModel
 from trioserve.supervision.supervisor import Supervisor
@@ -154,7 +153,8 @@ class Relay:
         """
         async with trio.open_nursery() as nursery:
             # Progress comments only when this request may have to wait (a model not ready,
-            # or no free slot): the extra task cost ~0.3 ms of time to first byte otherwise.
+            # or no free slot): the extra task costs time to first byte otherwise
+            # (docs/performance.md, "the per-chunk path").
             may_wait = model.state is not State.READY or model.admission.would_wait(request.user)
             if request.streaming and self.config.server.loading_progress and may_wait:
                 nursery.start_soon(send_progress, request, self.supervisor)
@@ -256,21 +256,16 @@ class Relay:
         idle = self.config.server.stream_idle_timeout
         out = request.out
         chunk = first
-        # The last bytes, where a stream's usage is: no per-chunk parsing.
-        tail = b""
+        usage = StreamUsage()
         with IdleDeadline(idle) as gap:
             while chunk:
-                tail = (
-                    chunk
-                    if len(chunk) >= STREAM_TAIL_BYTES
-                    else (tail + chunk)[-STREAM_TAIL_BYTES:]
-                )
+                usage.feed(chunk)
                 await out.send_body(chunk)
                 # Time a slow client took is not the model's silence.
                 gap.touch()
                 chunk = await response.receive_some()
                 gap.touch()
-        request.usage = usage_in_stream_tail(tail)
+        request.usage = usage.usage()
         if gap.expired:
             raise RequestTimeout(
                 f"model {request.model!r} sent nothing for stream_idle_timeout "

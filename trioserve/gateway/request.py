@@ -13,7 +13,7 @@ from trioserve.errors import InvalidRequest, RequestTooLarge
 from trioserve.gateway.asgi import Receive, Scope, header
 from trioserve.gateway.assemble import Kind
 from trioserve.gateway.downstream import Downstream, Headers
-from trioserve.gateway.identity import ANONYMOUS, User
+from trioserve.sharing.identity import ANONYMOUS, User
 
 __all__ = ["ClientGone", "RelayedRequest", "parse_body", "read_body"]
 

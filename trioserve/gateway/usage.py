@@ -12,12 +12,21 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from trioserve.gateway.identity import ANONYMOUS_NAME, User
+from trioserve.sharing.identity import ANONYMOUS_NAME, User
 
-__all__ = ["UsageBook", "UserTotals", "usage_in_body", "usage_in_stream_tail", "usage_of"]
+__all__ = [
+    "StreamUsage",
+    "UsageBook",
+    "UserTotals",
+    "usage_in_body",
+    "usage_in_stream_tail",
+    "usage_of",
+]
 
-# A streamed answer's usage is in its last event or two: this much of its end is kept.
-STREAM_TAIL_BYTES = 4096
+# One event longer than this (no blank line for 16 MiB) is not looked into for usage: the
+# bound on what a stream may make us keep. A usage event with llama-server's timings, or with
+# many choices, is a few KB.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 _WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -105,7 +114,7 @@ def usage_in_body(body: bytes) -> tuple[int, int] | None:
 
 
 def usage_in_stream_tail(tail: bytes) -> tuple[int, int] | None:
-    """The usage in the last ``data:`` event that has one, within a stream's last bytes."""
+    """The usage in the last ``data:`` event that has one, within some complete events."""
     for event in reversed(tail.replace(b"\r\n", b"\n").split(b"\n\n")):
         line = event.strip()
         if not line.startswith(b"data:") or b'"usage"' not in line:
@@ -117,6 +126,61 @@ def usage_in_stream_tail(tail: bytes) -> tuple[int, int] | None:
         if found is not None:
             return found
     return None
+
+
+class StreamUsage:
+    """Finds a streamed answer's usage as its chunks go by: the last complete event that
+    carries one, however long it is (llama-server's final event has its ``timings``; ``n``
+    choices make it longer still). No per-chunk JSON: a chunk is searched for the end of an
+    event and for ``"usage"``, and only the event that has it is kept."""
+
+    __slots__ = ("_event", "_found", "_skipping")
+
+    def __init__(self) -> None:
+        self._event = bytearray()  # the event in progress: everything after the last blank line
+        self._found = b""  # the last complete event that mentions "usage"
+        self._skipping = False  # the event in progress outgrew MAX_EVENT_BYTES
+
+    def feed(self, chunk: bytes) -> None:
+        event = self._event
+        event += chunk
+        if b"\n" in chunk:
+            end = _after_last_blank_line(event, len(event))
+            if end >= 0:
+                # The rest of an event too long to keep ends at the first blank line.
+                start = _after_first_blank_line(event) if self._skipping else 0
+                at = event.rfind(b'"usage"', start, end)
+                if at >= 0:
+                    begins = max(_after_last_blank_line(event, at), start)
+                    self._found = bytes(event[begins:end])
+                self._skipping = False
+                del event[:end]
+        if len(event) > MAX_EVENT_BYTES:
+            # Only its last bytes matter now: a blank line may begin in them.
+            self._skipping = True
+            del event[:-3]
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) from the last event with usage; also an unterminated last
+        event (a stream that ended without its blank line)."""
+        if not self._skipping and b'"usage"' in self._event:
+            found = usage_in_stream_tail(bytes(self._event))
+            if found is not None:
+                return found
+        return usage_in_stream_tail(self._found) if self._found else None
+
+
+def _after_last_blank_line(data: bytes | bytearray, before: int) -> int:
+    """Where the text after the last blank line (an event's end) before ``before`` starts;
+    -1 when there is none."""
+    lf = data.rfind(b"\n\n", 0, before)
+    crlf = data.rfind(b"\r\n\r\n", 0, before)
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+
+
+def _after_first_blank_line(data: bytearray) -> int:
+    ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := data.find(blank)) >= 0]
+    return min(ends) if ends else len(data)
 
 
 def _count(value: object) -> bool:

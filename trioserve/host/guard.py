@@ -4,7 +4,9 @@ The daemon starts it at launch, in a session of its own (a signal to the daemon'
 or terminal does not reach it), and keeps the write end of a pipe that is the guard's stdin.
 On it the guard learns, one JSON object per line:
 
-* ``{"op":"hello","instance":ID,"grace":S}``: the daemon's instance id and ``stop_grace``;
+* ``{"op":"hello","instance":ID,"grace":S,"daemon_pid":P,"daemon_pgid":G}``: the daemon's
+  instance id, ``stop_grace``, its pid and process group (told, not read from our parent: a
+  daemon that died before the guard was up has left it re-parented);
 * ``{"op":"grace","grace":S}``: a new ``stop_grace``;
 * ``{"op":"track","pid":P,"pgid":G,"start_time":T,"model":M}``: a model child was spawned;
   ``start_time`` is psutil's ``create_time()`` rounded to 1/100 s, as the state store keeps it;
@@ -165,6 +167,7 @@ class Registry:
         # The daemon's own process group is never a model's: signalling it after the daemon's
         # death could hit what shares its job in a shell (`trioserve start | tee log`).
         self.daemon_pgid = daemon_pgid
+        self.daemon_pid: int | None = None
 
     def feed(self, line: bytes) -> None:
         """Apply one line; a line that is not a valid message is logged and ignored."""
@@ -177,6 +180,10 @@ class Registry:
             if op == "hello":
                 self.instance = str(message["instance"]) or None
                 self.grace = _grace(message["grace"])
+                if "daemon_pid" in message:
+                    self.daemon_pid = int(message["daemon_pid"])
+                if "daemon_pgid" in message:
+                    self.daemon_pgid = int(message["daemon_pgid"])
             elif op == "grace":
                 self.grace = _grace(message["grace"])
             elif op == "track":
@@ -352,12 +359,7 @@ def main() -> int:
     # closed terminal or a stray `kill` do not take the guard away. Only SIGKILL does.
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    daemon = os.getppid()
-    try:
-        daemon_pgid: int | None = os.getpgid(daemon)
-    except OSError:
-        daemon_pgid = None
-    registry = Registry(daemon_pgid=daemon_pgid)
+    registry = Registry()
     os.set_blocking(0, True)  # the read below is how we wait; it must block
     _announce_ready()
     pending = b""
@@ -376,6 +378,7 @@ def main() -> int:
     if pending:
         _log(f"ignoring a partial last line: {pending[:200]!r}")
     termed, killed = stop_all(registry)
+    daemon = registry.daemon_pid or "?"
     _log(
         f"daemon pid {daemon} is gone: stopped {termed + killed} process groups "
         f"({killed} needed SIGKILL after {registry.grace:g}s)"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from trioserve.errors import TrioserveError
-from trioserve.supervision.process import child_env
+from trioserve.host.child_env import child_env
 
 __all__ = ["Guard", "GuardError"]
 
@@ -41,7 +41,7 @@ _PIPE_SIZE = 1 << 20
 # Writes up to PIPE_BUF bytes into a pipe are atomic; a model name is cut to keep lines short.
 _LINE_LIMIT = select.PIPE_BUF
 _MODEL_NAME_LIMIT = 200
-# From spawn to its "ready" line, a guard is a Python start-up (~50 ms; seconds on a loaded box).
+# From spawn to its "ready" line, a guard is a Python start-up (a blink; seconds on a loaded box).
 _READY_TIMEOUT = 10.0
 # A guard that lived this long had not been failing: its death is restarted from at once.
 _STABLE_AFTER = 10.0
@@ -233,7 +233,15 @@ class Guard:
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         # Everything it must know goes in before any other line: the kernel keeps it while
         # the guard starts up, so from here on the daemon's death is covered.
-        self._send(_line(op="hello", instance=self.instance, grace=self._grace))
+        self._send(
+            _line(
+                op="hello",
+                instance=self.instance,
+                grace=self._grace,
+                daemon_pid=os.getpid(),
+                daemon_pgid=os.getpgrp(),
+            )
+        )
         for line in list(self._tracked.values()):
             self._send(line)
         if self._closing:  # close() came while it was being spawned

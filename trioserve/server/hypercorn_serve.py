@@ -35,15 +35,15 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from trioserve.config import Config
+from trioserve.server.first_bytes import defer_accept
 from trioserve.server.listener import (
     HEALTH_STATE_KEY,
     DirectListener,
     Liveness,
     TakenOverConnections,
-    defer_accept,
 )
 
-__all__ = ["UPSTREAM_FINGERPRINTS", "Drain", "LeanTCPServer", "hypercorn_config", "serve"]
+__all__ = ["UPSTREAM_FINGERPRINTS", "Drain", "LeanTCPServer", "hypercorn_config", "retune", "serve"]
 
 # sha256 of ``ast.dump(ast.parse(inspect.getsource(obj)))`` (code, not formatting or comments)
 # of the Hypercorn 0.18.0 code that ``serve`` forks and ``LeanTCPServer`` overrides. When
@@ -95,8 +95,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hyper.bind = [f"{host}:{config.server.port}"]
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
-    hyper.graceful_timeout = config.server.shutdown_grace
-    hyper.read_timeout = int(config.server.request_timeout) + READ_TIMEOUT_MARGIN
+    retune(hyper, config)
     hyper.backlog = BACKLOG
     hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
     # An idle keep-alive connection is closed after this long. Short, because a client that
@@ -104,6 +103,14 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     # Our own deadlines cover requests; Hypercorn's would cut long streams.
     return hyper
+
+
+def retune(hyper: HypercornConfig, config: Config) -> None:
+    """The settings a reload changes in the running server. Hypercorn reads them from this
+    object at each use (``read_timeout`` at every read of a connection, ``graceful_timeout`` at
+    the stop): changed here, they are in force for every connection, open ones included."""
+    hyper.graceful_timeout = config.server.shutdown_grace
+    hyper.read_timeout = int(config.server.request_timeout) + READ_TIMEOUT_MARGIN
 
 
 class LeanTCPServer(TCPServer):

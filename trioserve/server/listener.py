@@ -4,18 +4,20 @@ thread that takes the connections the loop is too busy to accept.
 Why a thread, against the habit of "no threads for your own logic": trio runs every task in one
 loop, round-robin, with no priorities. When 1,000 streams keep it busy, a new connection waits
 in the accept queue behind all the others, and each step of its request (accept, read, answer)
-waits a full pass over every runnable task: liveness probes took seconds. The thread blocks in
-the kernel instead; it needs the GIL only for microseconds per connection, and the interpreter
-hands the GIL over within ``sys.getswitchinterval()`` of asking. So ``/health`` is answered
-within milliseconds however busy the loop is. The loop's own health stays visible: while it is
-stalled, the answer is 503 (see ``LOOP_STALL_AFTER``).
+waits a full pass over every runnable task: liveness probes took seconds (docs/performance.md,
+"profiling the 1,000-stream case"). The thread blocks in the kernel instead; it needs the GIL
+only for microseconds per connection, and the interpreter hands the GIL over within
+``sys.getswitchinterval()`` of asking. So ``/health`` is answered within milliseconds however
+busy the loop is. The loop's own health stays visible: while it is stalled, the answer is 503
+(see ``LOOP_STALL_AFTER``).
 
 While the loop is idle it accepts every connection itself (``DirectListener``), and a request
-pays nothing for the thread (a hand-over from it costs ~0.5 ms on these machines). Only a
-connection left waiting ``TAKE_OVER_AFTER`` is taken by the thread. Both sides peek at the
-first bytes without reading them: a complete ``/health`` request is answered on the spot; any
-other request goes to Hypercorn unread, as if nothing had looked at it. A connection with no
-bytes yet (rare: ``defer_accept``) waits in the thread for at most ``PEEK_WAIT``.
+pays nothing for the thread, whose hand-over would add a thread switch, slow on these machines
+(docs/performance.md#the-machine-and-the-method). Only a connection left waiting
+``TAKE_OVER_AFTER`` is taken by the thread. Both sides peek at the first bytes without reading
+them (``first_bytes``): a complete ``/health`` request is answered on the spot; any other
+request goes to Hypercorn unread, as if nothing had looked at it. A connection with no bytes
+yet (rare: ``first_bytes.defer_accept``) waits in the thread for at most ``PEEK_WAIT``.
 
 While the daemon drains before it stops (``hypercorn_serve.serve``), the answer is
 ``503 {"status":"draining"}``: a balancer that checks ``/health`` takes the node out of its
@@ -34,11 +36,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from enum import Enum
 
 import trio
 
-__all__ = ["HEALTH_STATE_KEY", "DirectListener", "Liveness", "TakenOverConnections", "defer_accept"]
+from trioserve.server.first_bytes import Verdict, peek
+
+__all__ = ["HEALTH_STATE_KEY", "DirectListener", "Liveness", "TakenOverConnections"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,6 @@ PEEK_WAIT = 0.2
 # At most this many connections accepted per pass of the loop (and handed out between two
 # checkpoints): a pass stays a few milliseconds long.
 MAX_DRAIN = 256
-# A /health request larger than this (absurd headers) is left to Hypercorn.
-MAX_PEEK = 8192
 # Connections handed to trio but not yet taken by it. Beyond this the thread waits: the kernel's
 # accept queue holds the rest, and the loop is clearly overloaded.
 MAX_HANDED_OVER = 4096
@@ -60,12 +61,6 @@ MAX_HANDED_OVER = 4096
 LOOP_TICK = 1.0
 LOOP_STALL_AFTER = 30.0
 
-_HEALTH_LINES = (
-    b"GET /health HTTP/1.1\r\n",
-    b"GET /health HTTP/1.0\r\n",
-    b"HEAD /health HTTP/1.1\r\n",
-    b"HEAD /health HTTP/1.0\r\n",
-)
 _OK_BODY = b'{"status":"ok"}'
 _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %ds"}'
 _DRAINING_BODY = b'{"status":"draining"}'
@@ -73,44 +68,6 @@ _REASONS = {200: b"200 OK", 503: b"503 Service Unavailable"}
 # Where the server puts the ``Liveness`` in each request's ASGI ``scope["state"]``, so that a
 # /health request Hypercorn serves (one on a keep-alive connection) gets the same answer.
 HEALTH_STATE_KEY = "trioserve.liveness"
-
-
-class Verdict(Enum):
-    """What a connection's first bytes say it is (the values say when)."""
-
-    HEALTH = "a complete /health request"
-    OTHER = "anything else, an unfinished /health head included: Hypercorn's"
-    GONE = "closed before a byte"
-
-
-def classify(peeked: bytes) -> Verdict:
-    """What the first bytes of a connection are. An unfinished /health head is Hypercorn's:
-    waiting for the rest would mean polling a socket that stays readable, and Hypercorn
-    handles slow heads anyway."""
-    if not peeked:
-        return Verdict.GONE
-    for line in _HEALTH_LINES:
-        if peeked.startswith(line):
-            # Searched from the start: with no headers, the request line's CRLF is half of it.
-            end = peeked.find(b"\r\n\r\n")
-            headers = peeked[len(line) : end].lower()
-            # A body is Hypercorn's business.
-            if end < 0 or b"content-length:" in headers or b"transfer-encoding:" in headers:
-                return Verdict.OTHER
-            return Verdict.HEALTH
-    return Verdict.OTHER
-
-
-def peek(conn: socket.socket) -> tuple[Verdict | None, bytes]:
-    """Classify a non-blocking connection by its first bytes, left unread (the verdict is None
-    when none arrived yet), and return those bytes."""
-    try:
-        peeked = conn.recv(MAX_PEEK, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        return None, b""
-    except OSError:
-        return Verdict.GONE, b""
-    return classify(peeked), peeked
 
 
 class Liveness:
@@ -161,16 +118,6 @@ class Liveness:
             pass
         finally:
             conn.close()
-
-
-def defer_accept(listen_socket: socket.socket) -> None:
-    """Have the kernel report a connection only once its first bytes are here (Linux's
-    TCP_DEFER_ACCEPT, as nginx's ``deferred``): then the peek at accept time can tell a
-    /health request at once, and the thread's hand-over is rarely needed. A client that sends
-    nothing is still accepted, after about a second."""
-    if hasattr(socket, "TCP_DEFER_ACCEPT"):
-        with contextlib.suppress(OSError):
-            listen_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
 
 
 def _trio_stream(conn: socket.socket) -> trio.SocketStream:

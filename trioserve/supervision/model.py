@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trioserve.config import ModelConfig
-from trioserve.gateway.admission import Admission
+from trioserve.sharing.admission import Admission
 from trioserve.supervision.events import EventBus
 from trioserve.supervision.lifecycle import Lifecycle, State
 from trioserve.supervision.process import ChildProcess

@@ -6,6 +6,7 @@ cancelled request or a shutting-down daemon never leaves a zombie or a live proc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,18 +15,13 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from trioserve.host.identity import process_start_time, read_boot_id
 from trioserve.supervision.ports import listening_inodes
 from trioserve.supervision.ringbuffer import OutputRing
 
-__all__ = ["ChildProcess", "child_env", "listens_on", "process_start_time", "read_boot_id"]
+__all__ = ["ChildProcess", "listens_on"]
 
 log = logging.getLogger(__name__)
 
-# Children must not talk to systemd as if they were us: no notify socket, none of our watchdog
-# settings (WATCHDOG_USEC, WATCHDOG_PID, ...), none of our socket-activation fds.
-_SCRUBBED_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
-_SCRUBBED_PREFIXES = ("WATCHDOG_",)
 # After the group is dead, how long we wait for the end of its output pipe. Only a process that
 # escaped the group (setsid) and kept the pipe open makes us wait this long.
 _DRAIN_LIMIT = 1.0
@@ -73,16 +69,18 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
-def _scrubbed(name: str) -> bool:
-    return name in _SCRUBBED_ENV or name.startswith(_SCRUBBED_PREFIXES)
-
-
-def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment plus ``extra``, without systemd's notify, watchdog and socket variables
-    (also when ``extra`` names them: a child speaking for us to systemd is never right)."""
-    env = {k: v for k, v in os.environ.items() if not _scrubbed(k)}
-    env.update({k: v for k, v in extra.items() if not _scrubbed(k)})
-    return env
+def _exit_status(pid: int) -> int | None:
+    """The exit status of an exited, unreaped child, in ``returncode``'s convention (negative:
+    the signal that ended it); the child stays a zombie."""
+    try:
+        result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
 
 
 class ChildProcess:
@@ -109,6 +107,14 @@ class ChildProcess:
         # bounds it.
         self._pump_scope = trio.CancelScope(shield=True)
         self._killed = False  # kill_now() was called: a stop skips SIGTERM and grace
+        # The leader is reaped only by ``stop``, after the last signal to its group: until
+        # then it stays a zombie, so its pid (our pgid) cannot be reused by another process,
+        # and a group signal can never reach a stranger's group. Its exit is watched on a
+        # pidfd of our own, which does not reap (trio's ``Process.wait`` and even its
+        # ``returncode`` would).
+        self._pidfd = os.pidfd_open(process.pid)
+        self._exit_lock = trio.Lock()
+        self._reaped = False
 
     @classmethod
     async def spawn(
@@ -180,11 +186,25 @@ class ChildProcess:
         await self.drain_output()
 
     async def _watch_exit(self) -> None:
-        # Process.wait() waits on a pidfd on Linux: we learn of the exit at once, no polling.
-        self.returncode = await self.process.wait()
-        self.exited.set()
+        # A pidfd: we learn of the exit at once, no polling, and the leader is left unreaped.
+        await self._leader_exited()
+
+    async def _leader_exited(self) -> None:
+        """Wait until the leader has exited, without reaping it; set ``returncode``."""
+        # One waiter on the fd at a time (trio's own Process.wait does the same): the watcher
+        # and a stop whose watcher was cancelled with the rest of the daemon.
+        async with self._exit_lock:
+            if self.exited.is_set():
+                return
+            with contextlib.suppress(trio.ClosedResourceError):  # stop() reaped it meanwhile
+                await trio.lowlevel.wait_readable(self._pidfd)
+            if not self.exited.is_set():
+                self.returncode = _exit_status(self.pid)
+                self.exited.set()
 
     def signal_group(self, signum: int) -> None:
+        if self._reaped:  # the pgid may name a stranger's group now
+            return
         try:
             os.killpg(self.pgid, signum)
         except ProcessLookupError:
@@ -205,17 +225,21 @@ class ChildProcess:
         # We wait on the process directly, not on `exited`: the task that sets `exited` may
         # have been cancelled along with everything else when the daemon shuts down.
         with trio.CancelScope(shield=True):
-            if self.process.returncode is None and not self._killed:
+            if not self.exited.is_set() and not self._killed:
                 self.signal_group(signal.SIGTERM)
                 with trio.move_on_after(grace):
-                    await self.process.wait()
+                    await self._leader_exited()
                     # The rest of the group (workers the child started) has the same grace
                     # to finish: they share the output pipe, whose end says they are all gone.
                     await self.output_closed.wait()
             # Whatever is still in the group (the child itself, or grandchildren that outlived
             # it) is killed: the group is the model's, and nothing of it may survive a stop.
             self.signal_group(signal.SIGKILL)
-            code = await self.process.wait()
+            code = await self.process.wait()  # reaps: no group signal after this line
+            if not self._reaped:
+                self._reaped = True
+                trio.lowlevel.notify_closing(self._pidfd)
+                os.close(self._pidfd)
             self.returncode = code
             self.exited.set()
             # With the whole group dead the pipe ends at once, unless something that left the

@@ -16,7 +16,9 @@ import trio
 
 from trioserve.config import Config, ModelConfig, placeholder_values, render
 from trioserve.errors import TrioserveError, UpstreamError
+from trioserve.host.child_env import child_env
 from trioserve.host.guard_client import Guard
+from trioserve.host.identity import process_start_time
 from trioserve.host.store import StoreWriter
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import Endpoint, ManagedModel
@@ -28,7 +30,7 @@ from trioserve.supervision.probe import (
     StartFailed,
     output_tail,
 )
-from trioserve.supervision.process import ChildProcess, child_env, process_start_time
+from trioserve.supervision.process import ChildProcess
 
 __all__ = ["CHILD_HOST", "ModelRun", "RunHost", "StartAttempt", "child_command"]
 

@@ -16,16 +16,17 @@ import trio
 
 from trioserve.config import Config, ModelConfig
 from trioserve.errors import ModelNotFound, ModelUnavailable, UpstreamError
-from trioserve.gateway.admission import Admission
 from trioserve.host.guard_client import Guard
+from trioserve.host.identity import read_boot_id
 from trioserve.host.store import StoreWriter
 from trioserve.reload_plan import ReloadPlan
+from trioserve.sharing.admission import Admission
 from trioserve.supervision.events import EventBus
 from trioserve.supervision.lifecycle import Lifecycle, State
 from trioserve.supervision.model import Endpoint, Lease, ManagedModel, ModelStatus
 from trioserve.supervision.ports import PortAllocator
 from trioserve.supervision.probe import HealthProbe
-from trioserve.supervision.process import listens_on, read_boot_id
+from trioserve.supervision.process import listens_on
 from trioserve.supervision.run import CHILD_HOST, ModelRun
 
 __all__ = ["Supervisor"]
@@ -232,10 +233,9 @@ class Supervisor:
         async def stop_when_done() -> None:
             try:
                 while model.admission.queued or model.admission.admitted or model.leases:
-                    # Leases end with a lease_changed event; a queued request that gives up
-                    # does not: looked at again each second.
-                    with trio.move_on_after(1.0):
-                        await model.lease_changed.wait()
+                    # Leases end with a lease_changed event, requests leave admission with
+                    # a departure (a queued one that gives up holds no lease).
+                    await _either(model.lease_changed, model.admission.departure())
                 run = model.run
                 if run is not None and model.state in _RUNNING:
                     await run.stop_when_idle("removed from the config (reload)")
@@ -303,3 +303,15 @@ class Supervisor:
         model.run = run
         self._nursery.start_soon(run.run)
         return run
+
+
+async def _either(first: trio.Event, second: trio.Event) -> None:
+    """Return once either event is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait, first)
+        nursery.start_soon(wait, second)

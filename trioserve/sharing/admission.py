@@ -10,8 +10,8 @@ from __future__ import annotations
 import trio
 
 from trioserve.errors import QueueFull
-from trioserve.gateway.fair_queue import FairQueue, Refused, Waiter, WaiterState
-from trioserve.gateway.identity import ANONYMOUS, User
+from trioserve.sharing.fair_queue import FairQueue, Refused, Waiter, WaiterState
+from trioserve.sharing.identity import ANONYMOUS, User
 
 __all__ = ["Admission"]
 
@@ -22,6 +22,20 @@ class Admission:
     def __init__(self, model: str, max_concurrency: int, max_queue: int) -> None:
         self.model = model
         self._queue = FairQueue(max_concurrency, max_queue)
+        self._departure: trio.Event | None = None
+
+    def departure(self) -> trio.Event:
+        """An event set when a request next leaves: its slot released, or it gave up or was
+        pushed out while waiting. For a retiring model, which stops once nothing is left."""
+        if self._departure is None:
+            self._departure = trio.Event()
+        return self._departure
+
+    def _departed(self) -> None:
+        # On every request's path: one attribute test unless someone waits.
+        if self._departure is not None:
+            self._departure.set()
+            self._departure = None
 
     @property
     def full(self) -> bool:
@@ -96,12 +110,16 @@ class _Slot:
                 # Cancelled (or KeyboardInterrupt): leave the queue, or hand on the slot the
                 # queue granted after the cancel was delivered but before this task ran.
                 queue.cancel(waiter, trio.current_time())
+                admission._departed()
                 raise
             if waiter.refused:
+                admission._departed()
                 raise QueueFull(admission.model, queue.max_queue)
         return waiter.granted_at - arrived
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Set: __aexit__ runs only after __aenter__ returned.
         if self._waiter is not None:
-            self._admission._queue.release(self._waiter, trio.current_time())
+            admission = self._admission
+            admission._queue.release(self._waiter, trio.current_time())
+            admission._departed()

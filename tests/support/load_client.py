@@ -1,15 +1,16 @@
-"""A deliberately light HTTP/1.1 load client (asyncio + raw sockets), run as its own process.
+"""A deliberately light HTTP/1.1 load client (asyncio + raw sockets), run as its own process
+(by path: it imports nothing of the project). The benchmarks run it, and the tests run its probe.
 
 The load must not be the bottleneck, and must be the same for the direct and the relayed case,
 so the ratio between them is about trioserve alone. It speaks just enough HTTP: one request per
 connection (``Connection: close``), response read to EOF, chunk boundaries of SSE counted by
 ``data:`` lines.
 
-Usage (prints one JSON object):
-    python bench/_client.py --url http://127.0.0.1:PORT/v1/chat/completions \
+Usage (prints one JSON object), ``CLIENT`` being ``python tests/support/load_client.py``:
+    CLIENT --url http://127.0.0.1:PORT/v1/chat/completions \
         --concurrency 100 --requests 1000 --body '{"model": ...}' [--stream]
-    python bench/_client.py --url DIRECT --url2 RELAYED --requests 1000 --body ...  # paired
-    python bench/_client.py --probe http://127.0.0.1:PORT/health --seconds 10 --interval 0.01
+    CLIENT --url DIRECT --url2 RELAYED --requests 1000 --body ...  # paired
+    CLIENT --probe http://127.0.0.1:PORT/health --seconds 10 --interval 0.01
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trioserve.gateway.identity import User
+from trioserve.sharing.identity import User
 
 __all__ = ["FairQueue", "Refused", "Waiter", "WaiterState"]
 
