@@ -143,6 +143,17 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> None:
         event = self._event
+        if not event:
+            # The usual read: whole events. Looked at in place; only a partial event at its
+            # end is copied.
+            end = _after_last_blank_line(chunk, len(chunk))
+            if end >= 0:
+                at = chunk.rfind(b'"usage"', 0, end)
+                if at >= 0:
+                    self._found = chunk[max(_after_last_blank_line(chunk, at), 0) : end]
+                if end < len(chunk):
+                    event += chunk[end:]
+                return
         event += chunk
         if b"\n" in chunk:
             end = _after_last_blank_line(event, len(event))
