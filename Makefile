@@ -43,6 +43,7 @@ typecheck: $(VENV)/.installed-dev
 pytest: $(VENV)/.installed-dev
 	@$(BIN)/pytest --skip-quiet $(PYTEST_ARGS) -n $${PYTEST_WORKERS:-4} --dist worksteal; \
 	parallel=$$?; \
+	if [ $$parallel -eq 2 ]; then exit 2; fi; \
 	$(BIN)/pytest --only-quiet $(PYTEST_ARGS) -n 0; \
 	quiet=$$?; \
 	[ $$parallel -ne 5 ] || echo "make pytest: the parallel run selected no test (exit 5)"; \

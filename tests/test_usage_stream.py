@@ -100,3 +100,18 @@ async def test_a_relayed_stream_counts_usage_from_a_long_final_event(state_dir: 
         users = (await client.get("/admin/status")).json()["users"]
         assert users["anonymous"]["prompt_tokens"] == 11, users
         assert users["anonymous"]["completion_tokens"] == 20, users
+
+
+def test_usage_null_in_later_events_does_not_hide_the_real_one() -> None:
+    # OpenAI's chunks carry "usage": null until the one that has it; a backend may send more
+    # after it.
+    word = b'data: {"choices":[{"index":0,"delta":{"content":"w"}}],"usage": null}\n\n'
+    data = word * 5 + final_event(7, 50, 100) + word + b"data: [DONE]\n\n"
+    for size in (1, 13, len(data)):
+        assert found(data, size) == (7, 50), size
+
+
+def test_a_blank_line_of_lf_then_crlf_ends_an_event() -> None:
+    data = b'data: {"choices":[]}\n\r\n' + final_event(7, 50, 10, newline=b"\r\n")
+    data += b"data: [DONE]\n\r\n"
+    assert found(data, 5) == (7, 50)

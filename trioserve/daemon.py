@@ -217,11 +217,12 @@ async def _run_locked(
         await control.phase("guard")
         guard = Guard(instance=instance, grace=config.supervisor.stop_grace)
         async with trio.open_nursery() as guard_nursery:
+            # Closed however the start ends: a stop during start-up may cancel it half-way.
             try:
-                await guard_nursery.start(guard.run)
-            except GuardError as exc:
-                raise DaemonError(f"cannot start the guard process: {exc}") from exc
-            try:
+                try:
+                    await guard_nursery.start(guard.run)
+                except GuardError as exc:
+                    raise DaemonError(f"cannot start the guard process: {exc}") from exc
                 owned = _Owned(
                     config, row, store, StoreWriter(store), SystemdNotifier.from_env(), guard
                 )
@@ -321,6 +322,7 @@ async def _serve(
             await control.phase("listen")
             served = trio.Event()
             url = await _listen(core, owned, gateway, hyper, control, served)
+            control.listening()
             if control.on_ready is not None:
                 # Everything the daemon keeps for its lifetime now exists: modules, apps,
                 # config, supervisor, the listener.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,11 +45,17 @@ class DaemonControl:
         self._reloader: Reloader | None = None
         self._reload_asked = False
         self._nursery: trio.Nursery | None = None
+        self._graceful = False  # listening: a stop drains instead of cancelling the start
+        self._stops = 0
 
     async def phase(self, name: str) -> None:
         log.debug("start-up: %s", name)
         if self._on_phase is not None:
             await self._on_phase(name)
+
+    def listening(self) -> None:
+        """The listener is up: from now on a stop is the graceful one (drain, STOPPING)."""
+        self._graceful = True
 
     def started(self, reloader: Reloader) -> None:
         """Start-up is complete: reloads run from now on, one asked meanwhile at once."""
@@ -69,10 +74,11 @@ class DaemonControl:
                 else:
                     log.info("received SIGHUP: reloading the config")
                     self._spawn_reload()
-            elif not self.stop_requested.is_set():
+            elif (stops := self._stops + 1) == 1:
+                self._stops = stops
                 log.info("received %s", signal.Signals(signum).name)
                 self.stop_requested.set()
-                if self._reloader is None:
+                if not self._graceful:
                     log.info("stopping during start-up")
                     self.start_scope.cancel()
             else:
@@ -86,5 +92,10 @@ class DaemonControl:
 
     async def _reload(self) -> None:
         assert self._reloader is not None
-        with contextlib.suppress(ReloadRefused):  # logged, and told to systemd
+        try:
             await self._reloader.reload()
+        except ReloadRefused:
+            pass  # logged, and told to systemd
+        except Exception:
+            # A bug in putting a config in force must not take the running daemon down.
+            log.exception("reload failed")

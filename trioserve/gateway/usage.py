@@ -148,7 +148,7 @@ class StreamUsage:
             # end is copied.
             end = _after_last_blank_line(chunk, len(chunk))
             if end >= 0:
-                at = chunk.rfind(b'"usage"', 0, end)
+                at = _last_usage(chunk, 0, end)
                 if at >= 0:
                     self._found = chunk[max(_after_last_blank_line(chunk, at), 0) : end]
                 if end < len(chunk):
@@ -160,7 +160,7 @@ class StreamUsage:
             if end >= 0:
                 # The rest of an event too long to keep ends at the first blank line.
                 start = _after_first_blank_line(event) if self._skipping else 0
-                at = event.rfind(b'"usage"', start, end)
+                at = _last_usage(event, start, end)
                 if at >= 0:
                     begins = max(_after_last_blank_line(event, at), start)
                     self._found = bytes(event[begins:end])
@@ -181,17 +181,29 @@ class StreamUsage:
         return usage_in_stream_tail(self._found) if self._found else None
 
 
+# A blank line ends an event: "\n\n", or with CRs "\n\r\n" (which "\r\n\r\n" ends in).
+_BLANK_LINES = (b"\n\n", b"\n\r\n")
+
+
 def _after_last_blank_line(data: bytes | bytearray, before: int) -> int:
     """Where the text after the last blank line (an event's end) before ``before`` starts;
     -1 when there is none."""
-    lf = data.rfind(b"\n\n", 0, before)
-    crlf = data.rfind(b"\r\n\r\n", 0, before)
-    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+    ends = [at + len(blank) for blank in _BLANK_LINES if (at := data.rfind(blank, 0, before)) >= 0]
+    return max(ends) if ends else -1
 
 
 def _after_first_blank_line(data: bytearray) -> int:
-    ends = [at + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (at := data.find(blank)) >= 0]
+    ends = [at + len(blank) for blank in _BLANK_LINES if (at := data.find(blank)) >= 0]
     return min(ends) if ends else len(data)
+
+
+def _last_usage(data: bytes | bytearray, start: int, end: int) -> int:
+    """Where the last ``"usage"`` with a value (not ``null``, as OpenAI's chunks before the
+    last one have it) is in ``data[start:end]``; -1 when there is none."""
+    at = data.rfind(b'"usage"', start, end)
+    while at >= 0 and bytes(data[at + 7 : at + 14]).replace(b" ", b"").startswith(b":null"):
+        at = data.rfind(b'"usage"', start, at)
+    return at
 
 
 def _count(value: object) -> bool:

@@ -6,7 +6,7 @@ newline-separated ``KEY=value`` fields per message, so libsystemd is not needed.
 
 Nothing here raises because systemd went away: a daemon serving models must keep
 serving even if the notify socket vanished (e.g. during ``systemctl daemon-reexec``).
-Children never see these variables: ``trioserve.supervision.process.child_env`` removes them.
+Children never see these variables: ``trioserve.host.child_env.child_env`` removes them.
 """
 
 from __future__ import annotations

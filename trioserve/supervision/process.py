@@ -133,7 +133,16 @@ class ChildProcess:
             env=dict(env),
             start_new_session=True,
         )
-        child = cls(process, argv, output)
+        try:
+            child = cls(process, argv, output)
+        except BaseException:
+            # No pidfd (EMFILE): the process must not outlive this failed spawn.
+            with trio.CancelScope(shield=True):
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+                if process.stdout is not None:
+                    await process.stdout.aclose()
+            raise
         nursery.start_soon(child._pump_output)
         nursery.start_soon(child._watch_exit)
         return child
