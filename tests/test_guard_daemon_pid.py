@@ -8,10 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.support.guard_parent import Adopter
+import psutil
+
+from tests.support.guard_parent import Adopter, Exits
 
 
 def test_the_guard_names_the_daemons_real_pid_after_being_re_parented(
@@ -36,11 +37,10 @@ def test_the_guard_names_the_daemons_real_pid_after_being_re_parented(
         "daemon_pid": daemon.pid,
         "daemon_pgid": os.getpgrp(),
     }
-    os.write(write_end, json.dumps(hello).encode() + b"\n")
-    os.close(write_end)  # the daemon's death, as the guard sees it
-    deadline = time.monotonic() + 20
-    while "is gone" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
-        time.sleep(0.01)
+    (guard,) = psutil.Process().children()  # adopted: its parent is gone
+    with Exits([guard.pid]) as exits:
+        os.write(write_end, json.dumps(hello).encode() + b"\n")
+        os.close(write_end)  # the daemon's death, as the guard sees it
+        exits.wait(20)
+    assert adopter.reap(guard.pid) == 0
     assert f"daemon pid {daemon.pid} is gone" in log.read_text(), log.read_text()
-    adopter.cleanup()

@@ -46,7 +46,7 @@ class DaemonControl:
         self._reload_asked = False
         self._nursery: trio.Nursery | None = None
         self._graceful = False  # listening: a stop drains instead of cancelling the start
-        self._stops = 0
+        self._stop_signalled = False
 
     async def phase(self, name: str) -> None:
         log.debug("start-up: %s", name)
@@ -74,8 +74,9 @@ class DaemonControl:
                 else:
                     log.info("received SIGHUP: reloading the config")
                     self._spawn_reload()
-            elif (stops := self._stops + 1) == 1:
-                self._stops = stops
+            elif not self._stop_signalled:
+                # Counted apart from stop_requested: a shutdown_trigger may have set that.
+                self._stop_signalled = True
                 log.info("received %s", signal.Signals(signum).name)
                 self.stop_requested.set()
                 if not self._graceful:
