@@ -55,6 +55,7 @@ from _daemon import wait_healthy
 
 # Where llama-server and the GGUF are, and how trioserve runs them, is shared with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.admin import AdminAuth
 from tests.support.config import daemon_config
 from tests.support.real_model import MODEL, llama_model, missing
 
@@ -112,9 +113,10 @@ class Daemon:
 @asynccontextmanager
 async def running_daemon(tmp: Path, name: str, **server: Any) -> AsyncIterator[Daemon]:
     """``trioserve start`` with MODELS, both loaded; stopped with SIGTERM on exit."""
+    state_dir = tmp / f"state-{name}"
     config, base = daemon_config(
         tmp / f"{name}.toml",
-        tmp / f"state-{name}",
+        state_dir,
         MODELS,
         server=server or None,
         supervisor={"start_timeout": 60, "stop_grace": 5},
@@ -132,7 +134,11 @@ async def running_daemon(tmp: Path, name: str, **server: Any) -> AsyncIterator[D
         # A new connection per request, on every path (as bench/real_model.py does it).
         limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)
         async with httpx.AsyncClient(
-            base_url=base, trust_env=False, timeout=RELEASE_LIMIT, limits=limits
+            base_url=base,
+            trust_env=False,
+            timeout=RELEASE_LIMIT,
+            limits=limits,
+            auth=AdminAuth(state_dir),  # the loads and the logs
         ) as client:
             ports = {}
             for model in MODELS:

@@ -226,6 +226,8 @@ async def bench(rounds: int, requests: int, startup_delay: float) -> int:
         work = Path(tmp)
         config = work / "trioserve.toml"
         port = _write_config(config, work / "state", work, startup_delay)
+        from tests.support.admin import AdminAuth  # on the path now (_write_config)
+
         trioserve = Path(sys.executable).with_name("trioserve")
         with (work / "daemon.log").open("w") as log:
             daemon = await trio.lowlevel.open_process(
@@ -235,7 +237,10 @@ async def bench(rounds: int, requests: int, startup_delay: float) -> int:
             )
         try:
             url = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as client:
+            admin = AdminAuth(work / "state")
+            async with httpx.AsyncClient(
+                base_url=url, timeout=60, trust_env=False, auth=admin
+            ) as client:
                 await _wait_listening(client, daemon, work / "daemon.log")
                 for number in range(1, rounds + 1):
                     before = len(_spawned(work))

@@ -8,6 +8,14 @@ trioserve. Liveness probes run from a third process. Prints each figure and its 
     .venv/bin/python bench/load.py            # all scenarios
     .venv/bin/python bench/load.py --only b d # some
     .venv/bin/python bench/load.py --repeat 5 # (b) as 5 pairs, median ratio
+    .venv/bin/python bench/load.py --only c --budgets user  # as a configured user (its key)
+    .venv/bin/python bench/load.py --only c --budgets on    # ... with budgets that never trigger
+
+``--budgets``: ``off`` (default) sends no key, as before; ``user`` configures one user with a
+key and sends it on every request; ``on`` gives that user every budget (requests and tokens
+per minute, tokens per day), too large to refuse anything, so that each request pays for the
+checks, the counting and the ``x-ratelimit-*`` headers. ``user`` against ``on``, alternated in
+one sitting, is what budgets cost on the request path.
 """
 
 from __future__ import annotations
@@ -34,10 +42,18 @@ from _daemon import wait_healthy
 # are shared with them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support import load_client
+from tests.support.admin import AdminAuth
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, str(Path(load_client.__file__))]
+BENCH_KEY = "sk-bench"
+# Budgets no load of this bench reaches (2000 requests of a few tokens each, in seconds).
+HUGE_BUDGETS = {
+    "max_requests_per_minute": 10**9,
+    "max_tokens_per_minute": 10**12,
+    "max_tokens_per_day": 10**15,
+}
 TRIOSERVE = str(Path(sys.executable).parent / "trioserve")
 
 
@@ -46,7 +62,7 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _config(state_dir: str, port: int) -> str:
+def _config(state_dir: str, port: int, budgets: str = "off") -> str:
     echo = '"{python}", "-m", "trioserve.backends.echo", "--port", "{port}"'
     models = {
         "slow": "--response-delay 5 --tokens 8",
@@ -71,6 +87,10 @@ def _config(state_dir: str, port: int) -> str:
             "max_concurrency = 1100",
             "max_queue = 2000",
         ]
+    if budgets != "off":
+        lines += ["[users.bench]", f'api_keys = ["{BENCH_KEY}"]']
+        if budgets == "on":
+            lines += [f"{key} = {value}" for key, value in HUGE_BUDGETS.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -189,12 +209,22 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="DIR", help="py-spy the daemon during each relayed run into DIR"
     )
+    parser.add_argument(
+        "--budgets",
+        choices=["off", "user", "on"],
+        default="off",
+        help="off: no key; user: a configured user's key; on: that user with huge budgets",
+    )
     args = parser.parse_args()
+    if args.budgets != "off":
+        # Once a user has a key, /v1 needs one: every scenario's client sends it (the
+        # backend, called directly, ignores it).
+        os.environ["LOAD_CLIENT_HEADER"] = f"Authorization: Bearer {BENCH_KEY}"
     _raise_fd_limit()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "bench.toml"
-        conf.write_text(_config(tmp, port))
+        conf.write_text(_config(tmp, port, args.budgets))
         daemon = subprocess.Popen(
             [TRIOSERVE, "start", "--config", str(conf), "--log-level", "warning"],
             preexec_fn=_raise_fd_limit,
@@ -202,7 +232,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, daemon)
-            with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+            admin = AdminAuth(Path(tmp))  # the loads are admin writes
+            with httpx.Client(base_url=url, timeout=60, trust_env=False, auth=admin) as client:
                 for name in ("slow", "stream", "fast", "tiny"):
                     client.post(f"/admin/models/{name}/load").raise_for_status()
                 models = client.get("/admin/status").json()["models"]

@@ -38,6 +38,7 @@ import trio
 
 # Where llama-server and the GGUF are, and how trioserve runs them, is shared with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.admin import AdminAuth
 from tests.support.config import daemon_config
 from tests.support.ports import free_port
 from tests.support.real_model import MODEL, llama_cmd, llama_model, missing
@@ -260,7 +261,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # be dead by the time it is reused. Loopback connects cost ~0.1 ms on both paths.
             limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)
             async with httpx.AsyncClient(
-                base_url=base, trust_env=False, timeout=120, limits=limits
+                base_url=base,
+                trust_env=False,
+                timeout=120,
+                limits=limits,
+                auth=AdminAuth(tmp / "state"),  # the loads and unloads
             ) as client:
                 await wait_health(client, base + "/health", 30)
                 progress("cold starts through trioserve")

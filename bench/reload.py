@@ -42,6 +42,7 @@ import trio
 from _daemon import wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.admin import AdminAuth
 from tests.support.config import echo_cmd, write_config
 from tests.support.ports import free_port, port_range
 
@@ -143,7 +144,8 @@ async def reloader(
     tight = spare = False
     generation = 0
     kinds = ["limits", "model", "restart"] if restarts else ["limits", "model"]
-    async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as client:
+    admin = AdminAuth(file.state_dir)
+    async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False, auth=admin) as client:
         await trio.sleep(WARM_UP)
         for index in range(count):
             kind = kinds[index % len(kinds)]
@@ -270,7 +272,11 @@ def main() -> int:
         try:
             wait_healthy(file.url, daemon)
             for name in ("echo", "steady"):
-                loaded = httpx.post(f"{file.url}/admin/models/{name}/load", timeout=60)
+                loaded = httpx.post(
+                    f"{file.url}/admin/models/{name}/load",
+                    timeout=60,
+                    auth=AdminAuth(file.state_dir),
+                )
                 loaded.raise_for_status()
             before = model_pids(file.url)
             run = trio.run(load_and_reload, file.url, file, args)

@@ -49,8 +49,9 @@ from _daemon import wait_healthy
 
 from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT
 
-# A free port as the tests take one: the helpers are shared with them.
+# A free port as the tests take one, and their way in as admin: the helpers are shared.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.admin import AdminAuth
 from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,8 +189,11 @@ def _error_ok(body: bytes) -> bool:
 
 
 class Traffic:
-    def __init__(self, url: str, tally: Tally, faults: bool, rng: random.Random) -> None:
+    def __init__(
+        self, url: str, admin: AdminAuth, tally: Tally, faults: bool, rng: random.Random
+    ) -> None:
         self.url = url
+        self.admin = admin
         self.host, port = url.removeprefix("http://").rsplit(":", 1)
         self.port = int(port)
         self.tally = tally
@@ -339,7 +343,7 @@ class Traffic:
             self.tally.sent[scenario] += 1
             with trio.move_on_after(HANG_AFTER) as guard:
                 try:
-                    response = await http.post(path, params=params)
+                    response = await http.post(path, params=params, auth=self.admin)
                     self._status(scenario, response.status_code, response.content)
                 except httpx.HTTPError as exc:
                     self.tally.broken.append(f"{scenario}: {exc!r}"[:300])
@@ -374,10 +378,10 @@ class Traffic:
                 nursery.cancel_scope.cancel()
 
 
-def _idle(url: str, instance: str, pid: int) -> None:
+def _idle(url: str, admin: AdminAuth, instance: str, pid: int) -> None:
     """Unload every model and wait until no model process is left: the state the start
     figures were taken in."""
-    with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+    with httpx.Client(base_url=url, timeout=60, trust_env=False, auth=admin) as client:
         for name in client.get("/admin/status").json()["models"]:
             client.post(f"/admin/models/{name}/unload")
     deadline = time.monotonic() + 30
@@ -395,11 +399,11 @@ def _settle(pid: int, port: int) -> None:
         time.sleep(0.25)
 
 
-def _purge_pool(url: str, instance: str, pid: int) -> None:
+def _purge_pool(url: str, admin: AdminAuth, instance: str, pid: int) -> None:
     headers = {"connection": "close"}
     with httpx.Client(base_url=url, timeout=60, trust_env=False, headers=headers) as client:
         client.post(CHAT, json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
-    _idle(url, instance, pid)
+    _idle(url, admin, instance, pid)
 
 
 def _figures(pid: int) -> tuple[int, int]:
@@ -440,6 +444,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="trioserve-soak-") as tmp:
         conf = Path(tmp) / "soak.toml"
         conf.write_text(_config(str(Path(tmp) / "state"), port, faults, args.ports))
+        admin = AdminAuth(Path(tmp) / "state")
         log = Path(tmp) / "daemon.log"
         with open(log, "wb") as err:
             daemon = subprocess.Popen(
@@ -456,7 +461,7 @@ def main() -> int:
             sampler.start()
             tally = Tally()
             began = time.monotonic()
-            traffic = Traffic(url, tally, faults, random.Random(args.seed))
+            traffic = Traffic(url, admin, tally, faults, random.Random(args.seed))
             trio.run(
                 traffic.run,
                 seconds,
@@ -466,7 +471,7 @@ def main() -> int:
             ran = time.monotonic() - began
             died = daemon.poll()
             if died is None:
-                _idle(url, instance, daemon.pid)
+                _idle(url, admin, instance, daemon.pid)
                 end_fds, end_rss = _figures(daemon.pid)
                 end_sockets = _sockets(daemon.pid, port)
                 # Sockets of clients that left a keep-alive connection linger in CLOSE_WAIT
@@ -475,7 +480,7 @@ def main() -> int:
                 _settle(daemon.pid, port)
                 # Idle pooled connections to models stopped since hold their fds (CLOSE_WAIT)
                 # until the pool is used again: one relayed request purges them.
-                _purge_pool(url, instance, daemon.pid)
+                _purge_pool(url, admin, instance, daemon.pid)
                 _settle(daemon.pid, port)
                 settled_fds, _ = _figures(daemon.pid)
                 settled_sockets = _sockets(daemon.pid, port)

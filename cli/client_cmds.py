@@ -14,8 +14,9 @@ from rich.spinner import Spinner
 from rich.table import Table
 
 from .client import ClientError, DaemonClient
-from .common import ApiKeyOption, JsonOption, UrlOption, die, make_console
+from .common import JsonOption, die, make_console
 from .tables import first_line
+from .target import ClientOptions, client_command
 
 __all__ = ["models_app", "new_lines", "register"]
 
@@ -45,14 +46,14 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 @models_app.command("list")
-def list_models(
-    as_json: JsonOption = False, url: UrlOption = None, api_key: ApiKeyOption = None
-) -> None:
+@client_command
+def list_models(client: ClientOptions, as_json: JsonOption = False) -> None:
     """The configured models and aliases with their state (GET /v1/models)."""
+    target = client.target()
 
     async def fetch() -> Any:
-        async with DaemonClient(url, api_key) as client:
-            return await client.get_json("/v1/models")
+        async with DaemonClient(target) as api:
+            return await api.get_json("/v1/models")
 
     answer = _run(fetch)
     if as_json:
@@ -118,13 +119,15 @@ async def _load(client: DaemonClient, name: str, out: Console) -> dict[str, Any]
 
 
 @models_app.command("load")
-def load(name: NameArgument, url: UrlOption = None, api_key: ApiKeyOption = None) -> None:
+@client_command
+def load(client: ClientOptions, name: NameArgument) -> None:
     """Start a model and show its progress until it is ready (exit 1 if it fails)."""
     out = make_console()
+    target = client.target()
 
     async def run() -> dict[str, Any]:
-        async with DaemonClient(url, api_key) as client:
-            return await _load(client, name, out)
+        async with DaemonClient(target) as api:
+            return await _load(api, name, out)
 
     result = _run(run)
     out.print(
@@ -138,20 +141,21 @@ def load(name: NameArgument, url: UrlOption = None, api_key: ApiKeyOption = None
 
 
 @models_app.command("unload")
+@client_command
 def unload(
+    client: ClientOptions,
     name: NameArgument,
     force: Annotated[
         bool, typer.Option("--force", help="kill now instead of letting requests finish")
     ] = False,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
 ) -> None:
     """Stop a model: after its in-flight requests finish, or at once with --force."""
+    target = client.target()
 
     async def run() -> Any:
-        async with DaemonClient(url, api_key) as client:
+        async with DaemonClient(target) as api:
             params = {"force": "true"} if force else None
-            return await client.post_json(f"/admin/models/{name}/unload", params=params)
+            return await api.post_json(f"/admin/models/{name}/unload", params=params)
 
     result = _run(run)
     make_console().print(f"{result.get('model', name)}: {result.get('state')}", markup=False)
@@ -182,14 +186,14 @@ def new_lines(seen: Sequence[str], current: Sequence[str]) -> list[str]:
     return list(current)
 
 
+@client_command
 def logs(
+    client: ClientOptions,
     name: NameArgument,
     tail: Annotated[int, typer.Option("--tail", "-n", min=0, help="lines to show")] = 100,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="keep printing new lines until Ctrl-C")
     ] = False,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
 ) -> None:
     """A model's output (stdout and stderr), the last --tail lines; --follow for new ones."""
     path = f"/admin/models/{name}/logs"
@@ -198,15 +202,17 @@ def logs(
         if lines:
             typer.echo("\n".join(lines))
 
+    target = client.target()
+
     async def run() -> None:
-        async with DaemonClient(url, api_key) as client:
+        async with DaemonClient(target) as api:
             window = max(tail, FOLLOW_WINDOW) if follow else tail
-            seen = (await client.get_text(path, params={"tail": str(window)})).splitlines()
+            seen = (await api.get_text(path, params={"tail": str(window)})).splitlines()
             show(seen[-tail:] if tail else [])
             while follow:
                 # Polling is the honest tool here: the endpoint has no stream or cursor.
                 await trio.sleep(FOLLOW_INTERVAL)
-                text = await client.get_text(path, params={"tail": str(window)})
+                text = await api.get_text(path, params={"tail": str(window)})
                 current = text.splitlines()
                 show(new_lines(seen, current))
                 seen = current

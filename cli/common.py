@@ -22,6 +22,9 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "ApiKeyOption",
+    "CaCertOption",
+    "ClientCertOption",
+    "ClientKeyOption",
     "ConfigOption",
     "JsonOption",
     "UrlOption",
@@ -58,7 +61,8 @@ UrlOption = Annotated[
     typer.Option(
         "--url",
         envvar="TRIOSERVE_URL",
-        help=f"the daemon's URL [default: {DEFAULT_URL}]",
+        help="the daemon's URL, used as given (never swapped for the admin socket); default: "
+        f"the admin socket, else the URL of --config's daemon, else {DEFAULT_URL}",
         show_default=False,
     ),
 ]
@@ -67,7 +71,37 @@ ApiKeyOption = Annotated[
     typer.Option(
         "--api-key",
         envvar="TRIOSERVE_API_KEY",
-        help="bearer key for the daemon (one of its admin_keys / api_keys)",
+        help="bearer key for the daemon (one of its admin_keys / api_keys); without it, admin "
+        "calls to the URL that --config's running daemon recorded carry its admin key or local "
+        "admin token",
+        show_default=False,
+    ),
+]
+CaCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-cert",
+        envvar="TRIOSERVE_CA_CERT",
+        help="https:// URLs: the CA (PEM) that signed the daemon's certificate (default: the "
+        "system's CAs)",
+        show_default=False,
+    ),
+]
+ClientCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-cert",
+        envvar="TRIOSERVE_CLIENT_CERT",
+        help="https:// URLs: this client's certificate (PEM; may hold the key too)",
+        show_default=False,
+    ),
+]
+ClientKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-key",
+        envvar="TRIOSERVE_CLIENT_KEY",
+        help="https:// URLs: the private key of --client-cert (PEM)",
         show_default=False,
     ),
 ]

@@ -8,7 +8,16 @@ import typer
 
 from trioserve import __version__
 
-from . import cleanup_cmd, client_cmds, config_cmd, daemon_cmds, reload_cmd, status_cmd, users_cmd
+from . import (
+    cleanup_cmd,
+    client_cmds,
+    config_cmd,
+    daemon_cmds,
+    reload_cmd,
+    status_cmd,
+    ui_cmd,
+    users_cmd,
+)
 
 __all__ = ["app", "main"]
 
@@ -48,6 +57,7 @@ cleanup_cmd.register(app)
 client_cmds.register(app)
 reload_cmd.register(app)
 users_cmd.register(app)
+ui_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -15,48 +14,21 @@ from trioserve.host.cleanup import Leftover, find_leftovers
 from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, StateStore
 
-from .client import ClientError, DaemonClient, NoDaemon, base_url
-from .common import (
-    EXIT_NO_DAEMON,
-    ApiKeyOption,
-    ConfigOption,
-    JsonOption,
-    UrlOption,
-    die,
-    load_if_valid,
-    load_or_exit,
-    make_console,
-)
+from .client import ClientError, DaemonClient, NoDaemon
+from .common import EXIT_NO_DAEMON, EXIT_USAGE, JsonOption, die, make_console
 from .tables import duration, leftovers_table, models_table, users_table
+from .target import ClientOptions, Target, client_command
 from .users_cmd import UsersOption
 
 __all__ = ["register"]
 
 
-def _load_config(path: Path | None) -> tuple[Config | None, str | None]:
-    """The config named by --config / TRIOSERVE_CONFIG (exit 2 if it is invalid), else the
-    default one if it is there: status works without any config while a daemon answers."""
-    if path is not None:
-        return load_or_exit(path), None
-    return load_if_valid(None)
-
-
-def _daemon_url(url: str | None, config: Config | None) -> str:
-    """``--url`` / TRIOSERVE_URL, else the URL the running daemon of the config recorded."""
-    if url or config is None:
-        return base_url(url)
-    try:
-        running = live_daemon(StateStore(config.state_dir))
-    except Exception:  # an unreadable store: fall back to the default URL
-        running = None
-    return base_url(running.url if running is not None else None)
-
-
-async def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
-    async with DaemonClient(url, api_key) as client:
-        status = await client.get_json("/admin/status")
+async def _fetch(target: Target) -> dict[str, Any]:
+    async with DaemonClient(target) as api:
+        status = await api.get_json("/admin/status")
+        where = api.label("/admin/status")
     if not isinstance(status, dict) or "models" not in status:
-        raise ClientError(f"{url}/admin/status is not a trioserve status (wrong --url?)")
+        raise ClientError(f"{where} is not a trioserve status (wrong --url?)")
     return status
 
 
@@ -116,25 +88,26 @@ def _no_daemon(url: str, config: Config | None, config_error: str | None, as_jso
     raise typer.Exit(EXIT_NO_DAEMON)
 
 
+@client_command
 def status(
-    as_json: JsonOption = False,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    config_file: ConfigOption = None,
-    users_only: UsersOption = False,
+    client: ClientOptions, as_json: JsonOption = False, users_only: UsersOption = False
 ) -> None:
     """Show the daemon's models and users; exit 3 (listing leftovers) when no daemon answers."""
-    config, config_error = _load_config(config_file)
-    target = _daemon_url(url, config)
+    target = client.target()
+    config, config_error = target.local.config, target.local.config_error
+    if client.config_file is not None and config is None:
+        # Named on purpose and invalid: said at once. The default one may be absent: status
+        # works without any config while a daemon answers.
+        die(config_error or f"{client.config_file}: invalid", EXIT_USAGE)
     try:
-        answer = trio.run(_fetch, target, api_key)
+        answer = trio.run(_fetch, target)
     except NoDaemon:
-        _no_daemon(target, config, config_error, as_json)
+        _no_daemon(target.url, config, config_error, as_json)
     except ClientError as exc:
         die(str(exc))
     has_users = isinstance(answer.get("users"), dict)
     if users_only and not has_users:
-        die(f"{target}/admin/status has no users (a trioserve without users?)")
+        die(f"the daemon at {target.where} has no users (a trioserve without users?)")
     if as_json:
         typer.echo(json.dumps(answer["users"] if users_only else answer, indent=2))
         return
@@ -143,7 +116,7 @@ def status(
         out.print(users_table(answer))
         return
     out.print(
-        f"trioserve {answer.get('version', '?')} at {target}: pid {answer.get('pid')}, "
+        f"trioserve {answer.get('version', '?')} at {target.url}: pid {answer.get('pid')}, "
         f"instance {answer.get('instance')}, up {duration(answer.get('uptime_s'))}",
         markup=False,
     )

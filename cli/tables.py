@@ -10,7 +10,14 @@ from rich.text import Text
 
 from trioserve.host.cleanup import Leftover
 
-__all__ = ["duration", "first_line", "leftovers_table", "models_table", "users_table"]
+__all__ = [
+    "duration",
+    "first_line",
+    "leftovers_table",
+    "models_table",
+    "usage_table",
+    "users_table",
+]
 
 _LAST_ERROR_CHARS = 80
 
@@ -100,6 +107,27 @@ def users_table(status: Mapping[str, Any]) -> Table:
     for name in sorted(users, key=lambda name: (name == _ANONYMOUS, name)):
         # Text, not a str: a configured name is never read as rich markup.
         row = (_cell(users[name].get(key)) for _, key in _USER_COLUMNS)
+        table.add_row(Text(name), *row)
+    return table
+
+
+# The columns of `usage_table` and the keys of an ``/admin/usage`` user entry they show.
+_USAGE_COLUMNS = (
+    ("REQUESTS", "requests"),
+    ("PROMPT-TOKENS", "prompt_tokens"),
+    ("COMPLETION-TOKENS", "completion_tokens"),
+)
+
+
+def usage_table(usage: Mapping[str, Any]) -> Table:
+    """The per-user totals of an ``/admin/usage`` answer (over its ``since`` .. ``until``)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("USER", no_wrap=True)
+    for column, _ in _USAGE_COLUMNS:
+        table.add_column(column, justify="right", no_wrap=True)
+    users: Mapping[str, Mapping[str, Any]] = usage.get("users") or {}
+    for name in sorted(users, key=lambda name: (name == _ANONYMOUS, name)):
+        row = (_cell(users[name].get(key)) for _, key in _USAGE_COLUMNS)
         table.add_row(Text(name), *row)
     return table
 

@@ -85,14 +85,21 @@ def main() -> None:
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            httpx.post(url + "/admin/models/gemma-3-270m/load", timeout=30, trust_env=False)
+            # The local admin token: the page shows its actions only to an admin.
+            token = (Path(tmp) / "state" / "admin.token").read_text().strip()
+            httpx.post(
+                url + "/admin/models/gemma-3-270m/load",
+                headers={"authorization": f"Bearer {token}"},
+                timeout=30,
+                trust_env=False,
+            )
             for thread in threads:
                 thread.start()
             time.sleep(args.seconds)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=chromium)
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
-                page.goto(url + "/ui")
+                page.goto(f"{url}/ui#token={token}")
                 page.wait_for_selector('.chart[data-model="echo"]')
                 page.locator('#models tr[data-model="gemma-3-270m"] td.last-error summary').click()
                 page.wait_for_timeout(1500)

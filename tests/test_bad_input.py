@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import trioserve.gateway.relay
+from tests.support.admin import admin_header
 from tests.support.config import SpawnCounter, make_config
 from tests.support.daemon import leak_checked_daemon
 from tests.support.http import (
@@ -126,10 +127,12 @@ async def test_model_names_with_path_shell_and_odd_characters_are_just_unknown(
     monkeypatch.chdir(tmp_path)  # where a shell-expanded `touch PWNED` would land
     config = make_config(state_dir, {"echo": {"cmd": spawns.cmd("echo")}})
     async with leak_checked_daemon(config) as (info, client):
+        admin = admin_header(state_dir)
         for name in NAMES_IN_PATHS:
             for method, action in [(b"POST", b"load"), (b"POST", b"unload"), (b"GET", b"logs")]:
                 request = method + b" /admin/models/" + name + b"/" + action
-                request += b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                request += b" HTTP/1.1\r\nHost: x\r\n" + admin + b"\r\n"
+                request += b"Content-Length: 0\r\nConnection: close\r\n\r\n"
                 raw = await raw_exchange(info.url, request, within=5)
                 head, _, body = raw.partition(b"\r\n\r\n")
                 # Either no such model, or (a name with a slash in it) no such route.

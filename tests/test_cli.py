@@ -9,6 +9,7 @@ from typing import Any
 
 import psutil
 import pytest
+from typer.testing import Result
 
 from tests.support.cli import error_line, invoke
 from tests.support.config import daemon_config, echo_cmd, health_server_cmd
@@ -30,6 +31,11 @@ class Daemon:
         self.config = config
         self.state_dir = state_dir
         self.url = proc.url
+
+    def invoke(self, args: list[str]) -> Result:
+        """``trioserve ARGS`` as this daemon's admin runs it: TRIOSERVE_CONFIG names its
+        config, so admin calls over ``--url`` carry its local admin token."""
+        return invoke(args, TRIOSERVE_CONFIG=str(self.config))
 
 
 @pytest.fixture
@@ -84,7 +90,7 @@ def test_status_shows_a_table_of_models(daemon: Daemon) -> None:
 
 
 def test_status_shows_the_first_line_of_last_error(daemon: Daemon) -> None:
-    invoke(["models", "load", "bad", "--url", daemon.url])
+    daemon.invoke(["models", "load", "bad", "--url", daemon.url])
     result = invoke(["status", "--url", daemon.url])
     assert result.exit_code == 0, result.output
     [row] = [line for line in result.stdout.splitlines() if line.startswith("bad ")]
@@ -180,7 +186,9 @@ def test_api_key_option_and_env(tmp_path: Path, spawn_daemon: Any) -> None:
     refused = invoke(["status", "--url", url])
     assert refused.exit_code == 1
     assert error_line(refused) == (
-        "trioserve: a valid API key is required: send it as 'Authorization: Bearer KEY'"
+        "trioserve: GET /admin/status needs admin: pass --api-key with an admin key, or --config "
+        f"with the config of the daemon at {url} so that its admin socket or local admin token "
+        "can be used"
     )
     assert invoke(["status", "--url", url, "--api-key", "admin-key"]).exit_code == 0
     assert invoke(["status", "--url", url], TRIOSERVE_API_KEY="admin-key").exit_code == 0
@@ -214,7 +222,7 @@ def test_models_list_json(daemon: Daemon) -> None:
 
 
 def test_models_load_shows_progress_until_ready(daemon: Daemon) -> None:
-    result = invoke(["models", "load", "echo", "--url", daemon.url])
+    result = daemon.invoke(["models", "load", "echo", "--url", daemon.url])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"echo: stopped -> starting \(\d+\.\ds\): requested", lines[0]), lines
@@ -226,13 +234,13 @@ def test_models_load_shows_progress_until_ready(daemon: Daemon) -> None:
 
 def test_models_load_of_a_ready_model_answers_at_once(daemon: Daemon) -> None:
     daemon.proc.load("echo")
-    result = invoke(["models", "load", "e", "--url", daemon.url])
+    result = daemon.invoke(["models", "load", "e", "--url", daemon.url])
     assert result.exit_code == 0, result.output
     assert re.fullmatch(r"echo: ready on port \d+ \(\d+\.\ds\)", result.stdout.strip())
 
 
 def test_models_load_failure_exits_1_with_the_reason(daemon: Daemon) -> None:
-    result = invoke(["models", "load", "bad", "--url", daemon.url])
+    result = daemon.invoke(["models", "load", "bad", "--url", daemon.url])
     assert result.exit_code == 1, result.output
     assert re.search(
         r"bad: starting -> failed \(\d+\.\ds\): process exited with code 3", result.stdout
@@ -246,7 +254,7 @@ def test_models_load_failure_exits_1_with_the_reason(daemon: Daemon) -> None:
 
 
 def test_models_load_unknown_name(daemon: Daemon) -> None:
-    result = invoke(["models", "load", "nope", "--url", daemon.url])
+    result = daemon.invoke(["models", "load", "nope", "--url", daemon.url])
     assert result.exit_code == 1
     assert error_line(result) == (
         "trioserve: model 'nope' does not exist; known models: bad, e, echo, two"
@@ -258,7 +266,7 @@ def test_models_unload(daemon: Daemon, force: bool) -> None:
     daemon.proc.load("echo")
     pid = daemon.proc.status()["models"]["echo"]["pid"]
     args = ["models", "unload", "echo", "--url", daemon.url] + (["--force"] if force else [])
-    result = invoke(args)
+    result = daemon.invoke(args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "echo: stopped"
     assert not alive(pid)
@@ -269,18 +277,18 @@ def test_models_unload(daemon: Daemon, force: bool) -> None:
 
 def test_logs_tail(daemon: Daemon) -> None:
     daemon.proc.load("echo")
-    everything = invoke(["logs", "echo", "--url", daemon.url])
+    everything = daemon.invoke(["logs", "echo", "--url", daemon.url])
     assert everything.exit_code == 0, everything.output
     lines = everything.stdout.splitlines()
     assert lines[0].startswith("--- trioserve: starting echo: [")
-    last = invoke(["logs", "echo", "--tail", "1", "--url", daemon.url])
+    last = daemon.invoke(["logs", "echo", "--tail", "1", "--url", daemon.url])
     assert last.stdout.splitlines() == lines[-1:]
-    none = invoke(["logs", "echo", "--tail", "0", "--url", daemon.url])
+    none = daemon.invoke(["logs", "echo", "--tail", "0", "--url", daemon.url])
     assert none.exit_code == 0 and none.stdout == ""
 
 
 def test_logs_of_unknown_model(daemon: Daemon) -> None:
-    result = invoke(["logs", "nope", "--url", daemon.url])
+    result = daemon.invoke(["logs", "nope", "--url", daemon.url])
     assert result.exit_code == 1
     assert error_line(result).startswith("trioserve: model 'nope' does not exist")
 
@@ -377,6 +385,9 @@ def test_every_command_has_help() -> None:
         ["models", "unload"],
         ["logs"],
         ["config", "check"],
+        ["reload"],
+        ["users"],
+        ["ui"],
     ):
         result = invoke([*args, "--help"])
         assert result.exit_code == 0, (args, result.output)

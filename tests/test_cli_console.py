@@ -161,7 +161,9 @@ def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_da
     daemon = spawn_daemon(config, url)
     daemon.load("echo")
     follow = subprocess.Popen(
-        [str(TRIOSERVE_BIN), "logs", "echo", "--follow", "--url", url],
+        # The config names the daemon's state folder: where the command finds the local admin
+        # token that model logs need.
+        [str(TRIOSERVE_BIN), "logs", "echo", "--follow", "--url", url, "--config", str(config)],
         env=clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -177,7 +179,9 @@ def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_da
         first = reader.until(lambda lines: any("Running on" in x for x in lines))
         assert starts(first) == 1
         # Restart the model: its output ring gets a second "starting" line and more.
-        httpx.post(f"{url}/admin/models/echo/unload", trust_env=False, timeout=30)
+        httpx.post(
+            f"{url}/admin/models/echo/unload", trust_env=False, timeout=30, auth=daemon.admin
+        )
         daemon.load("echo")
         more = reader.until(
             lambda lines: starts(lines) == 1 and any("Running on" in x for x in lines)

@@ -171,7 +171,9 @@ def test_users_needs_the_admin_key_when_one_is_configured(
     refused = invoke(["users", "--url", daemon.url])
     assert refused.exit_code == 1
     assert error_line(refused) == (
-        "trioserve: a valid API key is required: send it as 'Authorization: Bearer KEY'"
+        "trioserve: GET /admin/status needs admin: pass --api-key with an admin key, or --config "
+        f"with the config of the daemon at {daemon.url} so that its admin socket or local admin "
+        "token can be used"
     )
     # A user's key is for /v1/*, not for the admin API.
     assert invoke(["users", "--url", daemon.url, "--api-key", ALICE]).exit_code == 1

@@ -18,6 +18,8 @@ from typer.testing import Result
 from tests.support.cli import invoke, run_trioserve
 from tests.support.config import daemon_config, write_toml
 from tests.support.ports import free_port
+from trioserve.config import parse_config
+from trioserve.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,9 +233,26 @@ def test_check_shows_users_with_their_defaults(tmp_path: Path) -> None:
     result = invoke(["config", "check", str(path)])
     assert result.exit_code == 0, result.output
     # Keys are shown as server.api_keys are: as written.
+    no_budgets = {
+        "max_tokens_per_minute": 0,
+        "max_tokens_per_day": 0,
+        "max_requests_per_minute": 0,
+    }
     assert resolved(result)["users"] == {
-        "alice": {"api_keys": ["sk-alice"], "weight": 3.0, "max_concurrency": 0, "max_queue": 0},
-        "bob": {"api_keys": [], "weight": 0.5, "max_concurrency": 2, "max_queue": 4},
+        "alice": {
+            "api_keys": ["sk-alice"],
+            "weight": 3.0,
+            "max_concurrency": 0,
+            "max_queue": 0,
+            **no_budgets,
+        },
+        "bob": {
+            "api_keys": [],
+            "weight": 0.5,
+            "max_concurrency": 2,
+            "max_queue": 4,
+            **no_budgets,
+        },
     }
     assert resolved(result)["server"]["api_keys"] == ["sk-server"]
 
@@ -325,3 +344,32 @@ def test_start_on_a_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"trioserve: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+@pytest.mark.parametrize(
+    ("server", "key", "reason"),
+    [
+        ({"tls_cert": "c.pem"}, "server.tls_key", "tls_cert and tls_key go together"),
+        ({"tls_key": "k.pem"}, "server.tls_cert", "tls_cert and tls_key go together"),
+        ({"tls_client_ca": "ca.pem"}, "server.tls_client_ca", "client certificates need TLS"),
+        ({"health_port": 8600}, "server.health_port", "must differ from server.port"),
+        ({"admin_over_tcp": "maybe"}, "server.admin_over_tcp", "'keys' or 'open'"),
+        ({"state_dir": "/tmp/" + "d" * 120}, "server.admin_socket", "over the 107"),
+    ],
+)
+def test_server_security_keys_are_checked(server: dict[str, object], key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"server": server}, "x.toml")
+    assert f"x.toml: {key}: " in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_a_long_state_dir_is_fine_without_an_admin_socket() -> None:
+    config = parse_config({"server": {"state_dir": "/tmp/" + "d" * 120, "admin_socket": ""}})
+    assert config.admin_socket_path is None
+
+
+@pytest.mark.parametrize("name", ["admin", "anonymous"])
+def test_reserved_user_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="is reserved"):
+        parse_config({"users": {name: {}}}, "x.toml")

@@ -27,6 +27,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.support.admin import AdminAuth
 from tests.support.cli import run_trioserve
 from tests.support.config import daemon_config, echo_cmd, health_server_cmd, script_cmd
 from tests.support.daemon import TRIOSERVE_BIN, DaemonProcess, clean_env
@@ -172,7 +173,9 @@ def processes(daemon: DaemonProcess, instance: str, counts: dict[str, int]) -> d
 
 
 def model_said(daemon: DaemonProcess, model: str, text: str) -> bool:
-    response = daemon.http.get(f"/admin/models/{model}/logs", params={"tail": 50}, timeout=10)
+    response = daemon.http.get(
+        f"/admin/models/{model}/logs", params={"tail": 50}, timeout=10, auth=daemon.admin
+    )
     return response.status_code == 200 and text in response.text
 
 
@@ -261,7 +264,7 @@ def test_daemon_sigkill_stops_family_stubborn_and_loading_models_within_grace(
     config, url, daemon, instance, guard = start_guarded(
         tmp_path, spawn, THREE_KINDS, "family", "stubborn"
     )
-    loader = Background("POST", f"{url}/admin/models/loading/load")
+    loader = Background("POST", f"{url}/admin/models/loading/load", auth=daemon.admin)
     loader.start()
     try:
         by_model = processes(daemon, instance, {"family": 2, "stubborn": 1, "loading": 1})
@@ -293,7 +296,7 @@ def test_daemon_sigkill_at_a_models_spawn_stops_it_within_grace(
     # of it (then the guard finds it by its marker). It ignores SIGTERM once it has set up.
     models = {"loading": {"cmd": model_cmd("--never-healthy", "--ignore-sigterm")}}
     config, url, daemon, instance, guard = start_guarded(tmp_path, spawn, models)
-    loader = Background("POST", f"{url}/admin/models/loading/load")
+    loader = Background("POST", f"{url}/admin/models/loading/load", auth=daemon.admin)
     loader.start()
     try:
         pids = processes(daemon, instance, {"loading": 1})["loading"]
@@ -425,9 +428,10 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
     # health_interval 0.5: the daemon logs every health check, so it keeps writing to the
     # terminal after it went away.
     supervisor = {**SUPERVISOR, "health_interval": 0.5}
+    state_dir = tmp_path / "state"
     config, url = daemon_config(
         tmp_path / "c.toml",
-        tmp_path / "state",
+        state_dir,
         {"echo": {"cmd": echo_cmd()}},
         supervisor=supervisor,
     )
@@ -450,7 +454,11 @@ def test_closed_terminal_leaves_daemon_and_models_serving_then_sigterm_stops_cle
         raise
     # One client for every call (see DaemonProcess.http), closed at the end.
     http = httpx.Client(
-        base_url=url, timeout=30, trust_env=False, limits=httpx.Limits(keepalive_expiry=1)
+        base_url=url,
+        timeout=30,
+        trust_env=False,
+        limits=httpx.Limits(keepalive_expiry=1),
+        auth=AdminAuth(state_dir),
     )
     try:
 

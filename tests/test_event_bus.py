@@ -81,7 +81,7 @@ async def test_the_daemons_status_reporter_survives_a_flood_of_events(
     state_dir: Path, notify_peer: NotifyPeer
 ) -> None:
     config = make_config(state_dir)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await status_lines_until(notify_peer, "0 of 1 models ready")
         # Far more events than any buffer, while the reporter cannot run (no checkpoint).
         for n in range(5000):

@@ -70,7 +70,7 @@ async def test_child_sigkilled_while_serving_fails_in_flight_with_502_within_a_s
 ) -> None:
     cmd = spawns.cmd("m", "--tokens", "200", "--token-delay", "0.05")
     config = make_config(state_dir, {"m": {"cmd": cmd}})
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         pid = (await load_model(client, "m"))["pid"]
         done_at: dict[str, float] = {}
         plain: dict[str, httpx.Response] = {}
@@ -139,7 +139,7 @@ async def test_child_exiting_nonzero_at_once_is_retried_a_bounded_number_of_time
         {"m": {"cmd": cmd}},
         supervisor={"max_start_failures": 3, "failure_cooldown": cooldown},
     )
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         statuses: list[int] = []
         retry_after: list[int] = []
 
@@ -211,7 +211,7 @@ async def test_child_that_never_becomes_healthy_fails_its_start_and_is_gone(
     state_dir: Path, cmd: list[str], reason: str, words: str
 ) -> None:
     config = make_config(state_dir, {"m": {"cmd": cmd}}, supervisor={"start_timeout": 1})
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         with trio.fail_after(10):
             response = await client.post("/v1/chat/completions", json=chat("m"))
         error = assert_openai_error(response, 502, "upstream_error")
@@ -239,7 +239,7 @@ def _deaf_to_sigterm(state_dir: Path, **server: Any) -> Config:
 async def test_child_ignoring_sigterm_is_killed_after_stop_grace_on_unload(
     state_dir: Path,
 ) -> None:
-    async with leak_checked_daemon(_deaf_to_sigterm(state_dir)) as (info, client):
+    async with leak_checked_daemon(_deaf_to_sigterm(state_dir), admin=True) as (info, client):
         pid = (await load_model(client, "m"))["pid"]
         start = trio.current_time()
         with trio.fail_after(10):
@@ -257,7 +257,8 @@ async def test_child_ignoring_sigterm_does_not_hold_up_shutdown_beyond_stop_grac
     state_dir: Path,
 ) -> None:
     check = LeakCheck()
-    async with running_daemon(_deaf_to_sigterm(state_dir, shutdown_grace=0)) as (info, client):
+    config = _deaf_to_sigterm(state_dir, shutdown_grace=0)
+    async with running_daemon(config, admin=True) as (info, client):
         check.instance = info.instance
         pid = (await load_model(client, "m"))["pid"]
         stopping_at = trio.current_time()
@@ -302,7 +303,7 @@ async def test_grandchildren_outliving_their_parent_are_killed(
         {"m": {"cmd": script_cmd(LAUNCHER, "{port}", str(pidfile), mode)}},
         supervisor={"stop_grace": 0.5},
     )
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         if fault == "launcher-exits":
             response = await client.post("/admin/models/m/load")
             error = assert_openai_error(response, 502, "upstream_error")
@@ -334,7 +335,7 @@ async def test_unload_while_starting_stops_it_and_nothing_respawns(
 ) -> None:
     cmd = spawns.cmd("m", "--startup-delay", "600")
     config = make_config(state_dir, {"m": {"cmd": cmd}}, server={"loading_progress": False})
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         answers: list[httpx.Response] = []
 
         async def waiter() -> None:
@@ -386,7 +387,7 @@ async def test_unload_landing_while_a_start_is_being_confirmed_stops_it(
 
     monkeypatch.setattr(trioserve.supervision.supervisor, "listens_on", held_listens_on)
     config = make_config(state_dir, server={"loading_progress": False})
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         answers: dict[str, httpx.Response] = {}
 
         async def call(key: str, method: str, path: str, **kwargs: Any) -> None:
@@ -462,7 +463,7 @@ async def test_shutdown_while_starting_stops_the_child_and_nothing_respawns(
 async def test_a_model_restarted_right_after_serving_gets_a_port(state_dir: Path) -> None:
     port = port_range(1)[0]
     config = make_config(state_dir, supervisor={"port_range": [port, port]})
-    async with leak_checked_daemon(config) as (_, client):
+    async with leak_checked_daemon(config, admin=True) as (_, client):
         for _ in range(3):
             # It serves (the relay keeps its connection), it stops (and closes that
             # connection first, so its port is left in TIME_WAIT), it starts again.
@@ -526,7 +527,7 @@ async def test_model_gone_while_its_complete_answer_is_sent_does_not_truncate_it
     # The crash hook sits where a relayed (not assembled) answer's head is made.
     assembled = fault != "crash-after-head"
     config = echo_config(state_dir, "--tokens", "10000", name="m", stream_upstream=assembled)
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         pid = (await load_model(client, "m"))["pid"]
         if fault == "crash-after-head":
             _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=False)
@@ -565,7 +566,7 @@ async def test_request_timeout_while_a_slow_client_reads_a_complete_answer_break
         server={"request_timeout": 1},
         stream_upstream=False,
     )
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         await load_model(client, "m")
         async with await _big_answer_left_unread(info.url) as connection:
             # A slow client, by design: it reads nothing until request_timeout (1 s) has
@@ -582,7 +583,7 @@ async def test_model_gone_just_as_a_stream_starts_gets_a_clean_answer_and_the_da
     state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = echo_config(state_dir, "--tokens", "50", name="m")
-    async with leak_checked_daemon(config) as (info, client):
+    async with leak_checked_daemon(config, admin=True) as (info, client):
         pid = (await load_model(client, "m"))["pid"]
         _crash_as_the_head_is_queued(monkeypatch, info.supervisor, pid, streaming=True)
         try:

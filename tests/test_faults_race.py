@@ -104,7 +104,7 @@ async def test_requests_racing_unload_ttl_and_eviction_all_get_clean_answers(
     statuses: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
     broken: list[str] = []
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         sampler = _ProcessSampler(info.instance)
         thread = threading.Thread(target=sampler.run, daemon=True)
         thread.start()

@@ -16,7 +16,7 @@ from tests.support.status import load_model, wait_for_status
 
 async def test_models_list_has_state_and_aliases(state_dir: Path) -> None:
     config = echo_config(state_dir, aliases=["parrot"])
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         listing = (await client.get("/v1/models")).json()
         assert listing["object"] == "list"
         assert {m["id"]: m["state"] for m in listing["data"]} == {
@@ -29,7 +29,7 @@ async def test_models_list_has_state_and_aliases(state_dir: Path) -> None:
 
 
 async def test_admin_status_has_every_contract_field(state_dir: Path) -> None:
-    async with running_daemon(make_config(state_dir)) as (info, client):
+    async with running_daemon(make_config(state_dir), admin=True) as (info, client):
         await load_model(client, "echo")
         status = (await client.get("/admin/status")).json()
         assert set(status) >= {"pid", "version", "instance", "started_at", "uptime_s", "models"}
@@ -51,7 +51,7 @@ async def test_admin_status_has_every_contract_field(state_dir: Path) -> None:
 
 async def test_load_and_unload_and_force(state_dir: Path) -> None:
     config = echo_config(state_dir, "--response-delay", "30")
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         loaded = await client.post("/admin/models/echo/load")
         assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
         unloaded = await client.post("/admin/models/echo/unload")
@@ -81,7 +81,7 @@ async def test_logs_endpoint_returns_the_childs_output(state_dir: Path) -> None:
         "import sys; [print('line', i, flush=True) for i in range(50)]; sys.exit(1)",
     ]
     config = make_config(state_dir, {"noisy": {"cmd": cmd}})
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         await client.post("/admin/models/noisy/load")
         logs = await client.get("/admin/models/noisy/logs?tail=5")
         assert logs.headers["content-type"].startswith("text/plain")
@@ -93,7 +93,7 @@ async def test_logs_endpoint_returns_the_childs_output(state_dir: Path) -> None:
 
 
 async def test_events_stream_lifecycle_transitions(state_dir: Path) -> None:
-    async with running_daemon(make_config(state_dir)) as (_, client):
+    async with running_daemon(make_config(state_dir), admin=True) as (_, client):
         seen: list[dict[str, object]] = []
         async with trio.open_nursery() as nursery:
             subscribed = trio.Event()

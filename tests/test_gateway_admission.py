@@ -20,7 +20,7 @@ from tests.support.status import (
 
 async def test_full_queue_gives_429_with_retry_after(state_dir: Path) -> None:
     config = echo_config(state_dir, "--response-delay", "1", max_concurrency=1, max_queue=2)
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         await load_model(client, "echo")
         statuses: list[int] = []
 
@@ -39,7 +39,7 @@ async def test_full_queue_gives_429_with_retry_after(state_dir: Path) -> None:
 
 async def test_queued_requests_proceed_in_arrival_order(state_dir: Path) -> None:
     config = echo_config(state_dir, "--response-delay", "0.2", max_concurrency=1, max_queue=10)
-    async with running_daemon(config) as (_, client), direct_client() as direct:
+    async with running_daemon(config, admin=True) as (_, client), direct_client() as direct:
         port = (await load_model(client, "echo"))["port"]
         finished: list[int] = []
 

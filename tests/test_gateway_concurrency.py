@@ -30,7 +30,7 @@ async def test_ten_slow_users_are_served_in_parallel_not_one_after_another(
 ) -> None:
     # The seed's experiment scaled down: 10 users, each call takes 1 s at the backend.
     config = echo_config(state_dir, "--response-delay", "1", name="slow", max_concurrency=10)
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         await load_model(client, "slow")
         durations: list[float] = []
         statuses: list[int] = []
@@ -52,7 +52,7 @@ async def test_ten_slow_users_are_served_in_parallel_not_one_after_another(
 @pytest.mark.slow
 async def test_health_stays_fast_while_a_hundred_slow_streams_are_open(state_dir: Path) -> None:
     config = echo_config(state_dir, "--tokens", "12", "--token-delay", "0.5", max_concurrency=200)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         opened = 0
         all_open = trio.Event()

@@ -22,7 +22,7 @@ async def test_deadline_before_the_first_byte_gives_504_and_aborts_the_backend(
     state_dir: Path, deadline: str
 ) -> None:
     config = echo_config(state_dir, "--response-delay", "30", server={deadline: 0.5})
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         port = (await load_model(client, "echo"))["port"]
         start = trio.current_time()
         response = await client.post("/v1/chat/completions", json=chat())
@@ -36,7 +36,7 @@ async def test_request_timeout_mid_stream_ends_with_an_error_event(state_dir: Pa
     config = echo_config(
         state_dir, "--tokens", "100", "--token-delay", "0.05", server={"request_timeout": 1}
     )
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         port = (await load_model(client, "echo"))["port"]
         async with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as resp:
             assert resp.status_code == 200

@@ -33,7 +33,7 @@ async def _chat_request(url: str, *, stream: bool = False) -> RawConnection:
 @pytest.mark.quiet  # a 100 ms bound, in this trio run
 async def test_disconnect_mid_stream_cancels_upstream_within_100ms(state_dir: Path) -> None:
     config = echo_config(state_dir, "--tokens", "200", "--token-delay", "0.05")
-    async with running_daemon(config) as (info, client), direct_client() as direct:
+    async with running_daemon(config, admin=True) as (info, client), direct_client() as direct:
         port = (await load_model(client, "echo"))["port"]
         connection = await _chat_request(info.url, stream=True)
         await connection.read(lambda received: b"data: " in received)
@@ -49,7 +49,7 @@ async def test_disconnect_mid_stream_cancels_upstream_within_100ms(state_dir: Pa
 @pytest.mark.quiet  # a 100 ms bound, in this trio run
 async def test_disconnect_of_a_non_streaming_request_cancels_upstream(state_dir: Path) -> None:
     config = echo_config(state_dir, "--tokens", "100", "--token-delay", "0.05")
-    async with running_daemon(config) as (info, client), direct_client() as direct:
+    async with running_daemon(config, admin=True) as (info, client), direct_client() as direct:
         port = (await load_model(client, "echo"))["port"]
         connection = await _chat_request(info.url)
         assert (await wait_for_stats(port, "started", 1, client=direct))["cancelled"] == 0
@@ -64,7 +64,7 @@ async def test_disconnect_while_queued_frees_the_queue_slot(state_dir: Path) -> 
     config = echo_config(
         state_dir, "--tokens", "100", "--token-delay", "0.05", max_concurrency=1, max_queue=1
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         port = (await load_model(client, "echo"))["port"]
         busy = await _chat_request(info.url)
         await wait_for_stats(port, "started", 1)

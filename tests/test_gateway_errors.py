@@ -94,7 +94,7 @@ async def test_body_over_the_limit_gets_413_without_being_read(state_dir: Path) 
 
 async def test_model_killed_mid_answer_gets_502_within_a_second(state_dir: Path) -> None:
     config = echo_config(state_dir, "--response-delay", "30")
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         pid = (await load_model(client, "echo"))["pid"]
         result: list[httpx.Response] = []
 

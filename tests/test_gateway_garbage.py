@@ -47,7 +47,7 @@ async def test_a_finished_request_leaves_no_garbage_for_the_collector(
     state_dir: Path, name: str, body: dict[str, Any]
 ) -> None:
     config = make_config(state_dir, {"echo": {"cmd": echo_cmd("--tokens", "5")}})
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await client.post("/admin/models/echo/load")
         request = raw_post(body, b"Connection: close")
         for _ in range(5):  # warm up: pools, caches, lazily made objects

@@ -45,7 +45,7 @@ async def test_a_client_slower_than_its_stream_gets_every_token_in_order(
     config = make_config(
         state_dir, {"echo": {"cmd": echo_cmd("--tokens", str(tokens), "--token-delay", "0")}}
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await client.post("/admin/models/echo/load")
         async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
             await conn.send(raw_post(chat(stream=True, text=WORDS)))
@@ -68,7 +68,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_upstream_aborted(
     config = make_config(
         state_dir, {"echo": {"cmd": echo_cmd("--tokens", "1000000", "--token-delay", "0")}}
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await client.post("/admin/models/echo/load")
         port = await backend_port(client, "echo")
         async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:
@@ -97,7 +97,7 @@ async def test_a_slow_but_steady_reader_of_a_large_answer_is_never_cut_off(
     # and assembling 200,000 events would cost the daemon far more time than the reading.
     model = {"cmd": echo_cmd("--tokens", str(tokens)), "stream_upstream": False}
     config = make_config(state_dir, {"echo": model})
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await client.post("/admin/models/echo/load")
         received = bytearray()
         async with await RawConnection.open(info.url, receive_buffer=RECEIVE_BUFFER) as conn:

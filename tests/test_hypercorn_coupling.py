@@ -33,7 +33,8 @@ MODULE = "trioserve/server/hypercorn_serve.py"
 # What of ours follows each upstream object, for the failure message.
 FOLLOWERS = {
     "hypercorn.trio.serve": "serve",
-    "hypercorn.trio.run.worker_serve": "serve",
+    # Its listeners are opened for serve by trioserve/server/listening.py (no Hypercorn names).
+    "hypercorn.trio.run.worker_serve": "serve (and the listeners listening.py opens for it)",
     "hypercorn.trio.tcp_server.TCPServer": "LeanTCPServer (protocol_send, run)",
 }
 
@@ -58,6 +59,7 @@ CALLED = {
     "hypercorn.utils.raise_shutdown": ("shutdown_event", True),
     "hypercorn.utils.repr_socket_addr": ("family, address", False),
     "hypercorn.config.Config.create_sockets": ("self", False),
+    "hypercorn.config.Config.create_ssl_context": ("self", False),
     "hypercorn.config.Config.set_statsd_logger_class": ("self, statsd_logger", False),
     "hypercorn.trio.statsd.StatsdLogger.__init__": ("self, config", False),
 }
@@ -165,8 +167,15 @@ async def test_raise_shutdown_raises_shutdown_error_once_the_trigger_returns() -
         await raise_shutdown(trio.lowlevel.checkpoint)
 
 
-def test_every_setting_hypercorn_config_makes_is_one_hypercorn_has(tmp_path: Path) -> None:
-    config = parse_config({"server": {"state_dir": str(tmp_path)}, "models": {}})
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_every_setting_hypercorn_config_makes_is_one_hypercorn_has(
+    tmp_path: Path, tls: bool
+) -> None:
+    server = {"state_dir": str(tmp_path)}
+    if tls:
+        # Only named: the files are read when the server starts.
+        server.update(tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem")
+    config = parse_config({"server": server, "models": {}})
     ours = hypercorn_serve.hypercorn_config(config)
     # Setting a name Hypercorn no longer has would silently do nothing.
     unknown = [

@@ -50,17 +50,21 @@ def test_first_bytes_are_classified(first_bytes: bytes, verdict: Verdict) -> Non
     assert classify(first_bytes) is verdict
 
 
-def _timed(url: str, request: bytes) -> tuple[bytes, float]:
-    """``blocking_exchange`` (from a thread: the loop may be blocked); (answer, seconds)."""
-    started = time.monotonic()
-    answer = blocking_exchange(url, request)
-    return answer, time.monotonic() - started
+# A bound against a hang, for a thread the test waits for: never a measure of speed.
+HANG = 30.0
 
 
-def _in_thread(url: str, request: bytes, results: list[tuple[bytes, float]]) -> threading.Thread:
-    thread = threading.Thread(target=lambda: results.append(_timed(url, request)))
+def _in_thread(url: str, request: bytes, results: list[bytes]) -> threading.Thread:
+    """``blocking_exchange`` in a thread of its own (the loop may be blocked)."""
+    thread = threading.Thread(target=lambda: results.append(blocking_exchange(url, request)))
     thread.start()
     return thread
+
+
+def _block_the_loop_until(thread: threading.Thread) -> None:
+    """Run nothing of the loop until ``thread`` has finished (a blocking join, on purpose)."""
+    thread.join(timeout=HANG)
+    assert not thread.is_alive(), "the probe got no answer while the loop was blocked"
 
 
 def _config(state_dir: Path):  # type: ignore[no-untyped-def]
@@ -69,27 +73,35 @@ def _config(state_dir: Path):  # type: ignore[no-untyped-def]
 
 async def test_health_is_answered_while_the_event_loop_is_blocked(state_dir: Path) -> None:
     async with running_daemon(_config(state_dir)) as (info, _client):
-        results: list[tuple[bytes, float]] = []
+        results: list[bytes] = []
         probe = _in_thread(info.url, HEALTH, results)
-        # The loop runs nothing for a second: neither an accept nor any request.
-        time.sleep(1.0)  # blocking the loop is the point
-        probe.join()
-        [(answer, seconds)] = results
+        # The loop runs nothing from before the probe connects until it has its answer:
+        # neither an accept nor any request.
+        _block_the_loop_until(probe)
+        [answer] = results
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert answer.endswith(b'{"status":"ok"}')
-        assert seconds < 0.5
 
 
 async def test_other_requests_sent_while_the_loop_is_blocked_are_served_after(
-    state_dir: Path,
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    handed_over = threading.Event()
+    give = listener._TakeOverThread._give
+
+    def giving(self: listener._TakeOverThread, conn: socket.socket) -> None:
+        give(self, conn)
+        handed_over.set()
+
+    monkeypatch.setattr(listener._TakeOverThread, "_give", giving)
     async with running_daemon(_config(state_dir)) as (info, _client):
-        results: list[tuple[bytes, float]] = []
+        results: list[bytes] = []
         request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         probe = _in_thread(info.url, request, results)
-        time.sleep(0.5)  # the thread takes the connection meanwhile
-        await trio.to_thread.run_sync(probe.join)
-        [(answer, _)] = results
+        # The loop stays blocked until the thread has taken the connection and handed it over.
+        assert handed_over.wait(timeout=HANG), "the take-over thread took no connection"
+        await trio.to_thread.run_sync(probe.join, HANG)
+        [answer] = results
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         assert [m["id"] for m in json.loads(body)["data"]] == ["echo"]
@@ -100,22 +112,25 @@ async def test_health_says_stalled_when_the_loop_has_not_run(
 ) -> None:
     monkeypatch.setattr(listener, "LOOP_STALL_AFTER", 0.3)
     async with running_daemon(_config(state_dir)) as (info, client):
-        results: list[tuple[bytes, float]] = []
+        results: list[bytes] = []
 
         def late_probe() -> None:
-            time.sleep(0.8)  # the loop has been stuck longer than LOOP_STALL_AFTER by then
-            results.append(_timed(info.url, HEALTH))
+            # Only a lower bound: the loop is blocked until this probe has its answer, so it
+            # has been stuck longer than LOOP_STALL_AFTER by then however slow the machine.
+            time.sleep(0.8)
+            results.append(blocking_exchange(info.url, HEALTH))
 
         probe = threading.Thread(target=late_probe)
         probe.start()
-        time.sleep(1.5)  # a loop stuck this long is what 503 reports
-        probe.join()
-        [(answer, _)] = results
+        _block_the_loop_until(probe)
+        [answer] = results
         assert answer.startswith(b"HTTP/1.1 503 "), answer
         assert b'"status":"stalled"' in answer
-        # Once the loop runs again, it is healthy again.
-        await trio.sleep(listener.LOOP_TICK + 0.1)
-        assert (await client.get("/health")).json() == {"status": "ok"}
+        # Once the loop runs again (its next tick), it is healthy again.
+        with trio.fail_after(HANG):
+            while (health := await client.get("/health")).status_code != 200:
+                await trio.sleep(0.05)
+        assert health.json() == {"status": "ok"}
 
 
 async def test_head_health_has_no_body(state_dir: Path) -> None:
@@ -171,9 +186,11 @@ def test_the_thread_never_blocks_a_stop_while_trio_takes_no_more_connections(
         try:
             thread._give(first)  # takes the only slot; trio never takes it (shutting down)
             thread.stop()
-            started = time.monotonic()
-            thread._give(second)  # would wait for a slot forever
-            assert time.monotonic() - started < 1
+            # Would wait for a slot forever (a daemon thread: a failure leaves no process hung).
+            giving = threading.Thread(target=thread._give, args=(second,), daemon=True)
+            giving.start()
+            giving.join(timeout=HANG)
+            assert not giving.is_alive(), "_give waits for a slot after the stop"
             assert handed == [first]
             assert second.fileno() == -1  # closed, not leaked
         finally:
@@ -271,8 +288,8 @@ async def test_one_accept_drains_the_queue_and_answers_a_probe_queued_behind_oth
             # Answered in that same pass, before any other connection was handed out.
             probe.setblocking(False)
             assert probe.recv(65536).startswith(b"HTTP/1.1 200 ")
-            # The rest come without waiting for the socket again.
-            with trio.fail_after(1):
+            # The rest come without waiting for the socket again (the bound is against a hang).
+            with trio.fail_after(HANG):
                 streams = [first] + [await direct.accept() for _ in range(19)]
             ports = {s.socket.getpeername()[1] for s in streams}
             assert ports == {c.getsockname()[1] for c in others}

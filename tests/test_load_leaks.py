@@ -92,7 +92,7 @@ async def test_thousand_clients_hanging_up_mid_stream_leave_no_fds_tasks_or_memo
         max_concurrency=AT_ONCE + 8,
         max_queue=CLIENTS,
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         port = (await load_model(client, "echo"))["port"]
         address = raw_address(info.url)
         request = raw_post(chat(stream=True))

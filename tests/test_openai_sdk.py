@@ -67,7 +67,7 @@ async def test_sdk_exception_types_for_404_429_504(state_dir: Path) -> None:
         max_queue=0,
         server={"first_byte_timeout": 1},
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         sdk = _client(info.url)
         with pytest.raises(openai.NotFoundError) as not_found:
             await sdk.chat.completions.create(model="nope", messages=[])

@@ -177,7 +177,7 @@ async def test_chat_answer(state_dir: Path) -> None:
 @pytest.mark.quiet  # the pace of llama-server's chunks
 async def test_stream_arrives_incrementally(state_dir: Path) -> None:
     config = make_config(state_dir, {MODEL: llama_model()})
-    async with running_daemon(config) as (info, client), sdk(info) as oai:
+    async with running_daemon(config, admin=True) as (info, client), sdk(info) as oai:
         await load(client)
         stream = await oai.chat.completions.create(
             model=MODEL,
@@ -210,7 +210,7 @@ async def test_stream_arrives_incrementally(state_dir: Path) -> None:
 
 async def test_two_concurrent_requests(state_dir: Path) -> None:
     config = make_config(state_dir, {MODEL: llama_model(parallel=2)})
-    async with running_daemon(config) as (info, client), sdk(info) as oai:
+    async with running_daemon(config, admin=True) as (info, client), sdk(info) as oai:
         entry = await load(client)
         answers: dict[int, str] = {}
         busy_slots = 0
@@ -249,7 +249,7 @@ async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> Non
     # One slot: if llama-server went on generating for the gone client, the next request
     # would wait for the rest of it (~20 s).
     config = make_config(state_dir, {MODEL: llama_model(parallel=1)})
-    async with running_daemon(config) as (info, client), sdk(info) as oai:
+    async with running_daemon(config, admin=True) as (info, client), sdk(info) as oai:
         port = (await load(client))["port"]
         cancelled_before = await cancel_lines(client)
 
@@ -279,7 +279,7 @@ async def test_disconnect_stops_generation(state_dir: Path, stream: bool) -> Non
 @pytest.mark.quiet  # deadlines to the second, with llama-server computing
 async def test_deadline_aborts_generation(state_dir: Path, stream: bool, deadline: str) -> None:
     config = make_config(state_dir, {MODEL: llama_model(parallel=1)}, server={deadline: 3})
-    async with running_daemon(config) as (info, client), sdk(info) as oai:
+    async with running_daemon(config, admin=True) as (info, client), sdk(info) as oai:
         port = (await load(client))["port"]
         cancelled_before = await cancel_lines(client)
         start = trio.current_time()
@@ -315,7 +315,7 @@ def port_is_free(port: int) -> bool:
 
 async def test_unload_stops_the_process_and_frees_its_port(state_dir: Path) -> None:
     config = make_config(state_dir, {MODEL: llama_model()})
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         entry = await load(client)
         pid, port = entry["pid"], entry["port"]
         assert not port_is_free(port)
@@ -336,7 +336,7 @@ async def test_missing_gguf_fails_with_llama_servers_error(state_dir: Path, tmp_
     config = make_config(state_dir, {MODEL: llama_model(model_file=no_such_file)})
     # llama-server's own words for it.
     own_error = f"failed to open GGUF file '{no_such_file}'"
-    async with running_daemon(config) as (info, client), sdk(info) as oai:
+    async with running_daemon(config, admin=True) as (info, client), sdk(info) as oai:
         response = await client.post(f"/admin/models/{MODEL}/load")
         assert response.status_code in (502, 503), response.text
         assert own_error in response.json()["error"]["message"]
@@ -364,7 +364,9 @@ async def test_cleanup_kills_llama_server_left_by_a_killed_daemon(
         supervisor={"start_timeout": 30},
     )
     daemon: DaemonProcess = spawn_daemon(config, url)
-    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=url, trust_env=False, timeout=60, auth=daemon.admin
+    ) as client:
         entry = await load(client)
     orphan = psutil.Process(entry["pid"])
     try:

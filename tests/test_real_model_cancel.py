@@ -100,7 +100,7 @@ def report(what: str, figures: list[float]) -> str:
 
 @pytest.mark.quiet  # FREED_WITHIN, with llama-server computing
 async def test_a_hang_up_of_a_non_streaming_request_frees_the_slot(state_dir: Path) -> None:
-    async with running_daemon(llama_config(state_dir)) as (info, client):
+    async with running_daemon(llama_config(state_dir), admin=True) as (info, client):
         port = (await load_model(client, MODEL, timeout=60))["port"]
         figures: list[float] = []
         async with httpx.AsyncClient(
@@ -119,7 +119,7 @@ async def test_a_hang_up_of_a_non_streaming_request_frees_the_slot(state_dir: Pa
 @pytest.mark.quiet  # FREED_WITHIN, with llama-server computing
 async def test_a_non_streaming_504_frees_the_slot(state_dir: Path) -> None:
     config = llama_config(state_dir, first_byte_timeout=1.5)
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         port = (await load_model(client, MODEL, timeout=60))["port"]
         figures: list[float] = []
         async with httpx.AsyncClient(
@@ -153,7 +153,7 @@ async def test_the_assembled_answer_is_llama_servers_own(
     state_dir: Path, path: str, body: dict[str, Any]
 ) -> None:
     request = {"model": MODEL, **body, **SAME}
-    async with running_daemon(llama_config(state_dir)) as (_, client):
+    async with running_daemon(llama_config(state_dir), admin=True) as (_, client):
         port = (await load_model(client, MODEL, timeout=60))["port"]
         assembled = await client.post(path, json=request, timeout=60)
         async with httpx.AsyncClient(trust_env=False, timeout=60) as direct:
@@ -183,7 +183,7 @@ async def test_the_assembled_answer_is_llama_servers_own(
 async def test_an_empty_answer_is_llama_servers_own(state_dir: Path) -> None:
     # An answer that stops before its first token: llama-server streams no content (its first
     # chunk has "content": null) and answers "content": "" when not streaming.
-    async with running_daemon(llama_config(state_dir)) as (_, client):
+    async with running_daemon(llama_config(state_dir), admin=True) as (_, client):
         port = (await load_model(client, MODEL, timeout=60))["port"]
         request = {"model": MODEL, "messages": SHORT_PROMPT, "max_tokens": 1, **SAME}
         async with httpx.AsyncClient(

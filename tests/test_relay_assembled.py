@@ -203,7 +203,7 @@ async def test_tool_calls_merge_as_the_sdk_accumulates_the_same_stream(state_dir
 async def test_a_backend_error_is_the_status_and_body_of_the_non_streamed_request(
     state_dir: Path, path: str, trigger: dict[str, Any]
 ) -> None:
-    async with running_daemon(two_models(state_dir)) as (_, client):
+    async with running_daemon(two_models(state_dir), admin=True) as (_, client):
         port = (await load_model(client, "echo"))["port"]
         assembled, relayed = await both(client, path, **trigger)
         stats = await backend_stats(port)
@@ -250,7 +250,7 @@ async def test_a_client_hanging_up_cancels_the_upstream_generation(
     # 200 tokens × 50 ms: 10 s of generation, far longer than the test waits.
     config = two_models(state_dir, "--tokens", "200", "--token-delay", "0.05")
     fed = FedChunks(monkeypatch, at_least=3)
-    async with running_daemon(config) as (info, client), direct_client() as direct:
+    async with running_daemon(config, admin=True) as (info, client), direct_client() as direct:
         port = (await load_model(client, model))["port"]
         connection = await RawConnection.open(info.url)
         assert await connection.send(raw_post(request(path, model), path=path))
@@ -274,7 +274,7 @@ async def test_first_byte_timeout_bounds_the_whole_assembled_answer(state_dir: P
     # The upstream stream's first chunk comes at once; the client's first byte is the whole
     # answer (5 s away), as it was when the backend sent it whole at the end.
     config = two_models(state_dir, "--tokens", "100", "--token-delay", "0.05", first_byte_timeout=1)
-    async with running_daemon(config) as (_, client), direct_client() as direct:
+    async with running_daemon(config, admin=True) as (_, client), direct_client() as direct:
         port = (await load_model(client, "echo"))["port"]
         start = trio.current_time()
         response = await client.post(CHAT, json=request(CHAT, "echo"))
@@ -385,7 +385,7 @@ async def test_a_backend_that_capitalizes_its_header_names_is_assembled(state_di
 
 async def test_embeddings_are_relayed_as_before(state_dir: Path) -> None:
     body = {"input": ["one two", "three"]}
-    async with running_daemon(two_models(state_dir)) as (_, client):
+    async with running_daemon(two_models(state_dir), admin=True) as (_, client):
         port = (await load_model(client, "echo"))["port"]
         ours = await client.post("/v1/embeddings", json={"model": "echo", **body})
         theirs = await client.post("/v1/embeddings", json={"model": "plain", **body})
@@ -401,7 +401,7 @@ async def test_embeddings_are_relayed_as_before(state_dir: Path) -> None:
 
 
 async def test_the_assembled_usage_is_counted_for_the_user(state_dir: Path) -> None:
-    async with running_daemon(two_models(state_dir)) as (_, client):
+    async with running_daemon(two_models(state_dir), admin=True) as (_, client):
         await load_model(client, "echo")
 
         async def anonymous() -> dict[str, int]:

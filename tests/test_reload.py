@@ -163,7 +163,7 @@ async def test_added_model_is_available_at_once_and_stopped(
 ) -> None:
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo()})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         assert (await client.get("/admin/status")).json()["last_reload"] is None
         before = await load_model(client, "echo")
         file.write({"echo": echo(), "fresh": echo(aliases=["new"])})
@@ -199,7 +199,7 @@ async def test_removed_model_finishes_in_flight_and_queued_requests_then_stops(
 ) -> None:
     models = {"echo": echo(), "slow": echo(*SLOW, max_concurrency=1)}
     file = ConfigFile(tmp_path / "c.toml", state_dir, models=models)
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         keep, slow = await load_models(client, "echo", "slow")
         async with background(client) as requests:
             await requests.admitted("in-flight", "slow")
@@ -230,7 +230,7 @@ async def test_changed_cmd_finishes_in_flight_on_the_old_process_and_next_uses_t
 ) -> None:
     models = {"echo": echo(*SLOW, "--model-name", "v1"), "other": echo()}
     file = ConfigFile(tmp_path / "c.toml", state_dir, models=models)
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         old, other = await load_models(client, "echo", "other")
         async with background(client) as requests:
             await requests.admitted("in-flight", "echo")
@@ -261,7 +261,7 @@ async def test_request_racing_a_cmd_change_never_reaches_the_old_process_after_i
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo("--token-delay", "0.01", "--model-name", "v1")})
     sent: list[tuple[float, float, str, int, str | None]] = []  # start, end, kind, status, by
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         old = await load_model(client, "echo")
         stop = trio.Event()
 
@@ -312,7 +312,7 @@ async def test_lowered_limits_apply_at_once_and_requests_over_them_finish(
 ) -> None:
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"slow": echo(*SLOW, max_concurrency=3, max_queue=8)})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "slow")
         async with background(client) as requests:
             for key in ("a", "b", "c"):
@@ -344,7 +344,7 @@ async def test_aliases_users_keys_timeouts_and_supervisor_apply_without_a_restar
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     models = {"a": echo(), "b": echo(), "slow": echo(*SLOW)}
     file.write(models, supervisor={"max_loaded": 1})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "a")
 
         file.write(
@@ -361,7 +361,8 @@ async def test_aliases_users_keys_timeouts_and_supervisor_apply_without_a_restar
         # Keys: required now, on /v1 and on /admin.
         response = await client.post("/v1/chat/completions", json=chat("a"))
         assert_openai_error(response, 401, "invalid_api_key")
-        assert_openai_error(await client.get("/admin/status"), 401, "invalid_api_key")
+        no_key = await client.get("/admin/status", auth=None)
+        assert_openai_error(no_key, 401, "invalid_api_key")
         admin = {"authorization": "Bearer adm"}
         alice = {"authorization": "Bearer sk-alice"}
         # The alias, by a user's key: the same process answers.
@@ -394,7 +395,7 @@ async def test_aliases_users_keys_timeouts_and_supervisor_apply_without_a_restar
 async def test_lowered_ttl_applies_to_the_running_process(tmp_path: Path, state_dir: Path) -> None:
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo(ttl=0)})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "echo")
         file.write({"echo": echo(ttl=1)})
         assert (await reloaded(client))["retuned"] == ["echo"]
@@ -438,7 +439,7 @@ async def test_invalid_file_changes_nothing(
 ) -> None:
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo(max_queue=5)})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "echo")
         expected = spoil(file)
         response = await reload(client)
@@ -474,7 +475,7 @@ async def test_listener_and_state_dir_changes_are_refused_as_needing_a_restart(
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo()})
     changed: object = {"port": free_port(), "state_dir": str(tmp_path / value)}.get(key, value)
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "echo")
         file.write({"echo": echo(), "fresh": echo()}, server={key: changed})
         error = assert_openai_error(await reload(client), 400, "invalid_request")
@@ -490,7 +491,7 @@ async def test_listener_and_state_dir_changes_are_refused_as_needing_a_restart(
 async def test_concurrent_reloads_are_serialised(tmp_path: Path, state_dir: Path) -> None:
     file = ConfigFile(tmp_path / "c.toml", state_dir)
     file.write({"echo": echo()})
-    async with running_daemon(file.load()) as (_, client):
+    async with running_daemon(file.load(), admin=True) as (_, client):
         before = await load_model(client, "echo")
         file.write({"echo": echo(), "fresh": echo()})
         answers: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ async def test_a_reload_retunes_the_running_servers_read_timeout(
 ) -> None:
     path, port = tmp_path / "c.toml", free_port()
     write_config(path, state_dir, port, server={"request_timeout": 10})
-    async with running_daemon(load_config(path)) as (info, client):
+    async with running_daemon(load_config(path), admin=True) as (info, client):
         assert info.hypercorn.read_timeout == 10 + READ_TIMEOUT_MARGIN
         write_config(path, state_dir, port, server={"request_timeout": 100})
         assert (await client.post("/admin/reload")).status_code == 200
@@ -48,7 +48,7 @@ async def test_a_failed_reload_stays_in_the_status_line_until_one_succeeds(
 ) -> None:
     path, port = tmp_path / "c.toml", free_port()
     write_config(path, state_dir, port)
-    async with running_daemon(load_config(path)) as (_info, client):
+    async with running_daemon(load_config(path), admin=True) as (_info, client):
         await next_status(notify_peer, "models ready")
         path.write_text(path.read_text() + "\n[server]\nport = 'not a number'\n")
         assert (await client.post("/admin/reload")).status_code == 400

@@ -25,7 +25,7 @@ async def test_health_and_chat_through_the_daemon(state_dir: Path) -> None:
 
 async def test_stream_first_chunk_arrives_before_the_backend_finishes(state_dir: Path) -> None:
     config = echo_config(state_dir, "--tokens", "10", "--token-delay", "0.3")
-    async with running_daemon(config) as (_, client):
+    async with running_daemon(config, admin=True) as (_, client):
         await load_model(client, "echo")
         start = trio.current_time()
         body = chat(stream=True, text="a b")

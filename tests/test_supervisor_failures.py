@@ -101,7 +101,7 @@ async def test_crash_mid_request_gives_502_through_the_gateway(state_dir: Path) 
     # One streamed request crashes the backend while a slow plain request is in flight.
     cmd = echo_cmd("--crash-after", "1", "--response-delay", "20")
     config = make_config(state_dir, {"m": {"cmd": cmd}})
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         assert (await client.post("/admin/models/m/load")).status_code == 200
         model = info.supervisor.models["m"]
         async with transitions(info.supervisor) as events, trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from tests.support.admin import AdminAuth
 from tests.support.config import health_server_cmd, make_config
 from tests.support.daemon import running_supervisor_with_store
 from tests.support.ports import free_port
@@ -103,7 +104,7 @@ async def test_sigterm_to_the_daemon_stops_children_and_exits_0(
     )
     try:
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", trust_env=False
+            base_url=f"http://127.0.0.1:{port}", trust_env=False, auth=AdminAuth(state_dir)
         ) as client:
             with trio.fail_after(20):
                 while True:  # polling is the honest tool for "has it started listening"

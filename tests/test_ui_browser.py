@@ -14,7 +14,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from tests.support.admin import admin_token
 from tests.support.browser import chromium
+from tests.support.cli import invoke
 from tests.support.config import daemon_config, echo_cmd, script_cmd
 from tests.support.daemon import DaemonProcess
 
@@ -25,26 +27,47 @@ BROKEN = script_cmd(
     f"print({HOSTILE!r}, flush=True); raise SystemExit('CUDA error: out of memory')"
 )
 LIVE_WITHIN_MS = 1000
+KEY_STORAGE = "trioserve.adminKey"
 
 
 class Daemon:
-    """One daemon subprocess for a test, its config and a client for "another client"."""
+    """One daemon subprocess for a test, its config and a client for "another client" (an
+    admin: the admin key when ``admin_keys`` is set, else the local admin token)."""
 
     def __init__(self, tmp_path: Path, spawn: Callable[..., DaemonProcess], **server: Any) -> None:
         models = {
             "echo": {"cmd": echo_cmd("--token-delay", "0.05")},
             "broken": {"cmd": BROKEN},
         }
+        self.state_dir = tmp_path / "state"
         self.config, self.url = daemon_config(
             tmp_path / "trioserve.toml",
-            tmp_path / "state",
+            self.state_dir,
             models,
             server=server,
             supervisor={"max_start_failures": 1, "failure_cooldown": 60},
         )
         self._spawn = spawn
-        self.headers = {"authorization": f"Bearer {ADMIN_KEY}"} if server else {}
+        self._keyed = bool(server.get("admin_keys"))
         self.process = spawn(self.config, self.url)
+
+    @property
+    def token(self) -> str:
+        """The local admin token of the running daemon (new at each start)."""
+        return admin_token(self.state_dir)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {ADMIN_KEY if self._keyed else self.token}"}
+
+    def admin_url(self) -> str:
+        """The page's address as ``trioserve ui`` prints it to this account, which can read
+        the token."""
+        result = invoke(["ui", "--config", str(self.config)])
+        assert result.exit_code == 0, result.output
+        url = result.stdout.strip()
+        assert url == f"{self.url}/ui#token={self.token}"
+        return url
 
     def restart(self) -> None:
         self.process.stop()
@@ -97,10 +120,13 @@ def watched(browser: Browser) -> Iterator[Watched]:
         context.close()
 
 
-def open_page(watched: Watched, daemon: Daemon) -> Page:
+def open_page(watched: Watched, daemon: Daemon, *, admin: bool = False) -> Page:
+    """The page, live: read-only, or ``admin`` through ``trioserve ui``'s URL."""
     page = watched.page
-    page.goto(daemon.url + "/")  # redirected to /ui
+    page.goto(daemon.admin_url() if admin else daemon.url + "/")  # "/": redirected to /ui
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    access = "admin" if admin else "read-only"
+    expect(page.locator("body")).to_have_attribute("data-access", access)
     return page
 
 
@@ -134,7 +160,7 @@ def test_states_changed_by_another_client_show_within_a_second(
 
 
 def test_load_unload_and_force_buttons(daemon: Daemon, watched: Watched) -> None:
-    page = open_page(watched, daemon)
+    page = open_page(watched, daemon, admin=True)
     echo = row(page, "echo")
     echo.get_by_role("button", name="Load", exact=True).click()
     expect(echo).to_have_attribute("data-state", "ready")
@@ -153,9 +179,60 @@ def test_load_unload_and_force_buttons(daemon: Daemon, watched: Watched) -> None
     expect(page.locator("#notice")).to_have_attribute("data-kind", "error")
 
 
+def test_page_opened_with_the_local_admin_token_can_unload(
+    daemon: Daemon, watched: Watched
+) -> None:
+    assert daemon.post("/admin/models/echo/load").status_code == 200
+    token = daemon.token
+    sent: list[tuple[str, str, str]] = []
+    watched.page.on(
+        "request",
+        lambda r: sent.append((r.method, r.url, r.headers.get("authorization", ""))),
+    )
+    page = open_page(watched, daemon, admin=True)
+    # Out of the address bar (and so of bookmarks, history and screenshots) at once; kept in
+    # this tab's sessionStorage only.
+    assert page.evaluate("location.href") == daemon.url + "/ui"
+    assert page.evaluate(f"sessionStorage.getItem('{KEY_STORAGE}')") == token
+    assert page.evaluate(f"localStorage.getItem('{KEY_STORAGE}')") is None
+    expect(page.locator("#read-only")).to_be_hidden()
+
+    row(page, "echo").get_by_role("button", name="Unload", exact=True).click()
+    expect(row(page, "echo")).to_have_attribute("data-state", "stopped")
+    assert daemon.state("echo") == "stopped"
+    unload = daemon.url + "/admin/models/echo/unload"
+    assert ("POST", unload, f"Bearer {token}") in sent
+    assert watched.errors == []
+
+
+def test_page_without_the_token_is_read_only(daemon: Daemon, watched: Watched) -> None:
+    assert daemon.post("/admin/models/echo/load").status_code == 200
+    methods: list[str] = []
+    watched.page.on("request", lambda r: methods.append(r.method))
+    page = open_page(watched, daemon)
+    echo = row(page, "echo")
+    expect(echo).to_have_attribute("data-state", "ready")
+    # No buttons that would be refused; a note says how to get write access instead, and no
+    # key is asked for.
+    assert echo.locator("td.actions button").count() == 4
+    expect(echo.locator("td.actions")).to_be_hidden()
+    expect(page.locator("#models th.actions")).to_be_hidden()
+    note = page.locator("#read-only")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("trioserve ui --open")
+    expect(page.locator("#read-only-changed")).to_be_hidden()
+    expect(page.locator("#key-form")).to_be_hidden()
+    # Still live: a state changed by an admin elsewhere shows.
+    assert daemon.post("/admin/models/echo/unload").status_code == 200
+    expect(echo).to_have_attribute("data-state", "stopped", timeout=LIVE_WITHIN_MS)
+    assert set(methods) == {"GET"}  # the page tried no write
+    assert watched.errors == []  # nor anything refused
+    assert watched.dialogs == []
+
+
 def test_log_view_shows_a_hostile_line_as_text(daemon: Daemon, watched: Watched) -> None:
     daemon.post("/admin/models/broken/load")
-    page = open_page(watched, daemon)
+    page = open_page(watched, daemon, admin=True)
     row(page, "broken").get_by_role("button", name="Logs", exact=True).click()
     logs = page.locator("#logs-text")
     expect(logs).to_contain_text(HOSTILE)
@@ -170,7 +247,7 @@ def test_log_view_shows_a_hostile_line_as_text(daemon: Daemon, watched: Watched)
 
 
 def test_log_view_follows_new_output(daemon: Daemon, watched: Watched) -> None:
-    page = open_page(watched, daemon)
+    page = open_page(watched, daemon, admin=True)
     row(page, "broken").get_by_role("button", name="Logs", exact=True).click()
     expect(page.locator("#logs")).to_be_visible()
     daemon.post("/admin/models/broken/load")
@@ -214,7 +291,7 @@ def test_admin_key_prompt_and_a_wrong_key(
 
 
 def test_reconnects_after_the_daemon_restarts(daemon: Daemon, watched: Watched) -> None:
-    page = open_page(watched, daemon)
+    page = open_page(watched, daemon, admin=True)
     first = page.locator("#daemon").inner_text()
     daemon.process.stop()
     expect(page.locator("#connection")).to_have_attribute("data-state", "lost")
@@ -224,6 +301,21 @@ def test_reconnects_after_the_daemon_restarts(daemon: Daemon, watched: Watched) 
     assert page.locator("#daemon").inner_text() != first  # a new pid
     assert daemon.post("/admin/models/echo/load").status_code == 200
     expect(row(page, "echo")).to_have_attribute("data-state", "ready", timeout=LIVE_WITHIN_MS)
+    # The restarted daemon wrote a new token: the tab's one is dropped and the page says so,
+    # read-only, without a key prompt.
+    expect(page.locator("body")).to_have_attribute("data-access", "read-only")
+    expect(page.locator("#read-only-changed")).to_be_visible()
+    expect(page.locator("#read-only-changed")).to_contain_text("admin token changed")
+    expect(page.locator("#key-form")).to_be_hidden()
+    assert page.evaluate(f"sessionStorage.getItem('{KEY_STORAGE}')") is None
+    # `trioserve ui`'s new URL in the same tab (only the fragment changes: no page load).
+    page.goto(daemon.admin_url())
+    expect(page.locator("body")).to_have_attribute("data-access", "admin")
+    expect(page.locator("#read-only")).to_be_hidden()
+    assert "token" not in page.evaluate("location.href")
+    row(page, "echo").get_by_role("button", name="Unload", exact=True).click()
+    expect(row(page, "echo")).to_have_attribute("data-state", "stopped")
+    assert watched.dialogs == []
 
 
 def test_chart_draws_the_traffic(daemon: Daemon, watched: Watched) -> None:
@@ -302,8 +394,12 @@ def other_site() -> Iterator[str]:
 
 
 def test_another_site_cannot_drive_the_daemon(
-    daemon: Daemon, watched: Watched, other_site: str
+    tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess], watched: Watched, other_site: str
 ) -> None:
+    # Admin writes open to anyone who reaches the port: the browser guard is all that stands
+    # between another site and the daemon here (with the token required, a refusal would not
+    # say which of the two refused).
+    daemon = Daemon(tmp_path, spawn_daemon, admin_over_tcp="open")
     assert daemon.post("/admin/models/echo/load").status_code == 200
     pid = httpx.get(daemon.url + "/admin/status", trust_env=False).json()["models"]["echo"]["pid"]
     page = watched.page

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.admin import admin_token
 from tests.support.config import daemon_config, make_config, write_config
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.http import assert_openai_error, chat, sse_lines
@@ -22,6 +23,10 @@ from trioserve.gateway.ui import CONTENT_SECURITY_POLICY
 
 ADMIN_KEY = "sk-admin-ui"
 EVIL = {"host": "evil.example"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 async def test_root_redirects_to_the_page(state_dir: Path) -> None:
@@ -77,6 +82,48 @@ async def test_page_files_reveal_nothing_and_need_no_key(state_dir: Path) -> Non
             assert ADMIN_KEY not in body
         assert (await client.get("/admin/history")).status_code == 401
         assert (await client.get("/admin/activity")).status_code == 401
+        # With the key, the page is admin (and the local admin token is no key here).
+        status = await client.get("/admin/status", headers=bearer(ADMIN_KEY))
+        assert status.json()["admin"] is True
+        token = bearer(admin_token(state_dir))
+        assert (await client.get("/admin/status", headers=token)).status_code == 401
+
+
+async def test_the_page_reads_without_the_token_and_writes_with_it(state_dir: Path) -> None:
+    """What the page relies on with admin_keys empty: everything it shows is open, and
+    /admin/status says whether its admin calls would pass, before it offers any."""
+    async with running_daemon(make_config(state_dir)) as (_, client):
+        for path in ("/ui", "/admin/history"):
+            assert (await client.get(path)).status_code == 200, path
+        async with client.stream("GET", "/admin/events") as events:
+            assert events.status_code == 200
+        status = await client.get("/admin/status")
+        assert status.status_code == 200
+        assert status.json()["admin"] is False
+        wrong = await client.get("/admin/status", headers=bearer("not-the-token"))
+        assert wrong.json()["admin"] is False
+        for method, path in [
+            ("POST", "/admin/models/echo/load"),
+            ("POST", "/admin/models/echo/unload"),
+            ("POST", "/admin/reload"),
+            ("GET", "/admin/models/echo/logs?tail=5"),
+        ]:
+            response = await client.request(method, path)
+            assert_openai_error(response, 401, "invalid_api_key")
+            assert "trioserve ui" in response.json()["error"]["message"]  # how to get it
+        assert (await client.get("/admin/status")).json()["models"]["echo"]["state"] == "stopped"
+
+        token = bearer(admin_token(state_dir))
+        assert (await client.get("/admin/status", headers=token)).json()["admin"] is True
+        assert (await client.post("/admin/models/echo/load", headers=token)).status_code == 200
+        logs = await client.get("/admin/models/echo/logs?tail=5", headers=token)
+        assert logs.status_code == 200
+
+
+async def test_admin_over_tcp_open_makes_every_page_admin(state_dir: Path) -> None:
+    config = make_config(state_dir, server={"admin_over_tcp": "open"})
+    async with running_daemon(config) as (_, client):
+        assert (await client.get("/admin/status")).json()["admin"] is True
 
 
 async def test_a_foreign_host_gets_403_everywhere_but_health(state_dir: Path) -> None:
@@ -103,7 +150,9 @@ async def test_allowed_hosts_names_more_of_the_daemon_s_names(state_dir: Path) -
 
 
 async def test_cross_site_writes_change_nothing(state_dir: Path) -> None:
-    async with running_daemon(make_config(state_dir)) as (info, client):
+    # Admin writes open over TCP: the browser guard alone refuses here.
+    config = make_config(state_dir, server={"admin_over_tcp": "open"})
+    async with running_daemon(config) as (info, client):
         await load_model(client, "echo")
         own = "http://" + info.url.removeprefix("http://")
         attempts = [
@@ -183,7 +232,7 @@ async def test_activity_feed_sends_history_then_samples(state_dir: Path) -> None
 
 async def test_allowed_hosts_follow_a_reload(state_dir: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", state_dir, free_port())
-    async with running_daemon(load_config(path)) as (_, client):
+    async with running_daemon(load_config(path), admin=True) as (_, client):
         named = {"host": "llm.example.com"}
         assert (await client.get("/v1/models", headers=named)).status_code == 403
         port = int(str(client.base_url).rsplit(":", 1)[1].strip("/"))

@@ -280,7 +280,7 @@ async def test_a_failing_sweep_is_logged_and_the_daemon_keeps_serving(
     monkeypatch.setattr(KeepAlivePool, "sweep", broken_sweep)
     state_dir = tmp_path / "state"
     config = make_config(state_dir, {"echo": {"cmd": echo_cmd()}})
-    async with running_daemon(config) as (_info, client):
+    async with running_daemon(config, admin=True) as (_info, client):
         # Loading publishes lifecycle events, each of which runs a sweep.
         assert (await client.post("/admin/models/echo/load")).status_code == 200
         response = await client.post("/v1/chat/completions", json=chat(text="hi"))

@@ -186,7 +186,7 @@ async def test_with_no_key_configured_v1_is_open(
 
 async def test_flood_of_one_user_delays_another_by_at_most_two_requests(state_dir: Path) -> None:
     config = users_config(state_dir, *LONG_ECHO, max_concurrency=1, max_queue=64)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         finished: list[str] = []
 
@@ -215,7 +215,7 @@ async def test_user_at_its_max_concurrency_waits_while_another_user_is_served(
         "bob": {"api_keys": [BOB]},
     }
     config = users_config(state_dir, *LONG_ECHO, users=users, max_concurrency=3, max_queue=10)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         async with trio.open_nursery() as nursery:
             statuses: list[int] = []
@@ -249,7 +249,7 @@ async def test_user_over_its_own_max_queue_gets_429_while_another_is_still_admit
         "bob": {"api_keys": [BOB]},
     }
     config = users_config(state_dir, *LONG_ECHO, users=users, max_concurrency=1, max_queue=10)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         async with holding_a_slot(info.url, BOB):
             alice = [await queued_raw(info.url, ALICE) for _ in range(2)]
@@ -272,7 +272,7 @@ async def test_full_queue_pushes_out_the_flooders_newest_request_for_another_use
     state_dir: Path,
 ) -> None:
     config = users_config(state_dir, *LONG_ECHO, max_concurrency=1, max_queue=3)
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         async with holding_a_slot(info.url, ALICE):
             alice: list[RawConnection] = []
@@ -305,7 +305,7 @@ async def test_each_users_requests_keep_their_order(state_dir: Path) -> None:
     config = users_config(
         state_dir, *LONG_ECHO, server={"api_keys": [SERVER]}, max_concurrency=1, max_queue=20
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         finished: list[tuple[str, int]] = []
 
@@ -336,7 +336,7 @@ async def test_disconnect_of_a_queued_request_leaves_the_queue_and_the_other_use
         state_dir, *LONG_ECHO, server={"api_keys": [SERVER]}, max_concurrency=1, max_queue=10
     )
     survivor = OTHER[victim]
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         port = (await load_model(client, "echo"))["port"]
         async with holding_a_slot(info.url, SERVER):
             waiting: dict[str, list[RawConnection]] = {"alice": [], "bob": []}
@@ -371,7 +371,7 @@ async def test_first_byte_timeout_of_a_queued_request_leaves_the_queue_and_the_o
         max_queue=10,
     )
     survivor = OTHER[victim]
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         port = (await load_model(client, "echo"))["port"]
         async with trio.open_nursery() as nursery:
             answers: dict[str, httpx.Response] = {}
@@ -422,7 +422,7 @@ async def test_request_timeout_of_a_queued_request_leaves_the_queue_and_the_othe
         max_queue=10,
     )
     survivor = OTHER[victim]
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         port = (await load_model(client, "echo"))["port"]
         async with trio.open_nursery() as nursery:
             answers: dict[str, httpx.Response] = {}
@@ -526,7 +526,7 @@ async def test_status_shows_in_flight_and_queued_per_user_and_per_model(state_di
     config = users_config(
         state_dir, *LONG_ECHO, server={"api_keys": [SERVER]}, max_concurrency=2, max_queue=10
     )
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=True) as (info, client):
         await load_model(client, "echo")
         assert (await model_status(client, "echo"))["queued_by_user"] == {}
         async with holding_a_slot(info.url, ALICE), holding_a_slot(info.url, SERVER):

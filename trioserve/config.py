@@ -13,7 +13,7 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +29,7 @@ from pydantic import (
 from trioserve.errors import ConfigError
 
 __all__ = [
+    "ADMIN_USER_NAME",
     "PLACEHOLDERS",
     "RESERVED_USER_NAME",
     "Config",
@@ -46,6 +47,9 @@ __all__ = [
 
 PLACEHOLDERS = frozenset({"port", "python", "model", "state_dir"})
 DEFAULT_STATE_DIR = "~/.local/state/trioserve"
+ADMIN_SOCKET_DEFAULT = "{state_dir}/admin.sock"
+# sun_path holds 108 bytes with its terminating NUL.
+UNIX_PATH_MAX = 107
 
 
 def _int_as_float(value: object) -> object:
@@ -80,6 +84,22 @@ class ServerConfig(_Section):
     api_keys: _ApiKeys = Field(default_factory=list)
     admin_keys: _ApiKeys = Field(default_factory=list)
     loading_progress: bool = True
+    # The admin API without a key on a Unix socket: the file's mode (0600, or 0660 with
+    # admin_group) is the boundary. "" = no socket.
+    admin_socket: str = ADMIN_SOCKET_DEFAULT
+    # Set: the admin socket and {state_dir}/admin.token are 0660 with this group (the docker
+    # group pattern), so a team's admins need no sudo.
+    admin_group: str = ""
+    # "keys": admin writes and logs over TCP need an admin key, or the local admin token when
+    # admin_keys is empty. "open": anyone who reaches the port (a single-user machine).
+    admin_over_tcp: Literal["keys", "open"] = "keys"
+    # PEM files; both set = HTTPS (and HTTP/2 where the client offers it).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Set: clients must present a certificate signed by this CA.
+    tls_client_ca: str = ""
+    # 0 = /health on the main port only; N = also plain-HTTP /health on loopback:N.
+    health_port: int = Field(0, ge=0, le=65535)
     # Not in the minimal config: how long shutdown lets in-flight requests finish.
     shutdown_grace: _Float = Field(15, ge=0)
     # Not in the minimal config: on a stop, /health says 503 "draining" while requests are
@@ -164,6 +184,17 @@ class UserConfig(_Section):
     weight: _Float = Field(1.0, gt=0, allow_inf_nan=False)
     max_concurrency: int = Field(0, ge=0)
     max_queue: int = Field(0, ge=0)
+    # Budgets; 0 = none. Tokens are prompt + completion. Minutes: a sliding 60 s window;
+    # days: UTC calendar days.
+    max_tokens_per_minute: int = Field(0, ge=0)
+    max_tokens_per_day: int = Field(0, ge=0)
+    max_requests_per_minute: int = Field(0, ge=0)
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(
+            self.max_tokens_per_minute or self.max_tokens_per_day or self.max_requests_per_minute
+        )
 
 
 class Config(_Section):
@@ -186,6 +217,19 @@ class Config(_Section):
             # systemd may pass several colon-separated dirs; the first is ours.
             return Path(from_systemd.split(":")[0])
         return Path(self.server.state_dir).expanduser()
+
+    @property
+    def admin_socket_path(self) -> Path | None:
+        """Where the admin socket listens (``{state_dir}`` filled in), or None for none."""
+        if not self.server.admin_socket:
+            return None
+        return Path(
+            self.server.admin_socket.replace("{state_dir}", str(self.state_dir))
+        ).expanduser()
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.server.tls_cert)
 
     @property
     def all_api_keys(self) -> tuple[str, ...]:
@@ -289,6 +333,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError(source, _key_path(first["loc"]), _reason(first)) from None
     _check_names(config, source)
     _check_users(config, source)
+    _check_server(config, source)
     config._source = source
     return config
 
@@ -310,6 +355,38 @@ def _check_names(config: Config, source: str) -> None:
 
 # The name status and metrics give every request without a configured user's key.
 RESERVED_USER_NAME = "anonymous"
+# The name model calls made in an MCP session opened with an admin key are counted as.
+ADMIN_USER_NAME = "admin"
+
+
+def _check_server(config: Config, source: str) -> None:
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(
+            source,
+            "server.tls_key" if server.tls_cert else "server.tls_cert",
+            "tls_cert and tls_key go together (both PEM paths, or both empty)",
+        )
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(
+            source, "server.tls_client_ca", "client certificates need TLS: set tls_cert and tls_key"
+        )
+    if server.health_port and server.health_port == server.port:
+        raise ConfigError(
+            source, "server.health_port", "must differ from server.port (or 0 for none)"
+        )
+    socket_path = config.admin_socket_path
+    if socket_path is not None:
+        size = len(os.fsencode(socket_path))
+        if size > UNIX_PATH_MAX:
+            raise ConfigError(
+                source,
+                "server.admin_socket",
+                f"{socket_path} is {size} bytes, over the {UNIX_PATH_MAX} a Unix socket path "
+                'may have: choose a shorter state_dir or admin_socket, or "" for none',
+            )
+    if server.admin_group and not server.admin_group.strip():
+        raise ConfigError(source, "server.admin_group", "must be a group name or empty")
 
 
 def _check_users(config: Config, source: str) -> None:
@@ -322,6 +399,10 @@ def _check_users(config: Config, source: str) -> None:
         if name == RESERVED_USER_NAME:
             raise ConfigError(
                 source, path, f"{name!r} is reserved for requests without a user's key"
+            )
+        if name == ADMIN_USER_NAME:
+            raise ConfigError(
+                source, path, f"{name!r} is reserved for model calls made with an admin key"
             )
         for key in user.api_keys:
             if key in owners:
@@ -355,6 +436,8 @@ def resolved_dict(config: Config) -> dict[str, Any]:
     """The config as it will be used: paths expanded, placeholders filled but ``{port}``."""
     data: dict[str, Any] = config.model_dump()
     data["server"]["state_dir"] = str(config.state_dir)
+    socket_path = config.admin_socket_path
+    data["server"]["admin_socket"] = "" if socket_path is None else str(socket_path)
     for name, model in data["models"].items():
         values = placeholder_values(config, name, "{port}")
         model["cmd"] = [render(arg, values) for arg in model["cmd"]]

@@ -24,12 +24,15 @@ from trioserve.daemon_control import DaemonControl
 from trioserve.daemon_watchers import report_status, status_line, sweep_on_model_events
 from trioserve.gateway.activity import ActivityHistory
 from trioserve.gateway.admin import AdminContext, build_admin_app
+from trioserve.gateway.admin_access import AdminAccess
 from trioserve.gateway.app import Gateway
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.relay import Relay
 from trioserve.gateway.stream_ends import StreamEnds
 from trioserve.gateway.upstream import KeepAlivePool
 from trioserve.gateway.usage import UsageBook
+from trioserve.gateway.usage_keeper import UsageKeeper
+from trioserve.host.admin_files import AdminFileError, write_admin_token
 from trioserve.host.cleanup import reclaim_leftovers
 from trioserve.host.guard_client import Guard, GuardError
 from trioserve.host.identity import process_start_time, read_boot_id
@@ -38,7 +41,7 @@ from trioserve.host.running import live_daemon
 from trioserve.host.store import DaemonRow, InstanceLock, InstanceLocked, StateStore, StoreWriter
 from trioserve.reload import Reloader
 from trioserve.reload_plan import ReloadPlan
-from trioserve.server.hypercorn_serve import hypercorn_config, retune, serve
+from trioserve.server.hypercorn_serve import ListenError, hypercorn_config, retune, serve
 from trioserve.supervision.events import EventBus
 from trioserve.supervision.supervisor import Supervisor
 
@@ -74,7 +77,8 @@ def _configured_url(config: Config) -> str:
     host = config.server.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{config.server.port}"
+    scheme = "https" if config.tls else "http"
+    return f"{scheme}://{host}:{config.server.port}"
 
 
 async def run_daemon(
@@ -99,6 +103,17 @@ async def run_daemon(
         raise DaemonError(
             f"refusing to listen on {server.host} with no api_keys: anyone on the network could "
             "use your models. Set [server] api_keys, bind to 127.0.0.1, or pass --insecure."
+        )
+    if (
+        not is_loopback(server.host)
+        and server.admin_over_tcp == "open"
+        and not server.admin_keys
+        and not insecure
+    ):
+        raise DaemonError(
+            f'refusing to listen on {server.host} with admin_over_tcp = "open" and no '
+            "admin_keys: anyone on the network could unload models and reload the config. Set "
+            '[server] admin_keys, admin_over_tcp = "keys", bind to 127.0.0.1, or pass --insecure.'
         )
     control = DaemonControl(on_phase, on_ready=on_ready, shutdown_trigger=shutdown_trigger)
     try:
@@ -296,14 +311,20 @@ async def _serve(
         core.start_soon(sweep_on_model_events, pool, supervisor)
         async with pool:
             usage = UsageBook(metrics.registry, config.users)
+            # Today's totals feed the day budgets; then a write each second, one at the stop.
+            keeper = UsageKeeper(usage, owned.writer)
+            await keeper.load()
+            await core.start(keeper.run)
             activity = ActivityHistory(supervisor.status, usage)
             await core.start(activity.run)
             hyper = hypercorn_config(config)
             live = _Reloadable(supervisor, usage, owned.guard, hyper)
             reloader = Reloader(config, live.apply, notifier)
             stream_ends = StreamEnds()
+            access = AdminAccess(await _admin_token(config))
             admin = build_admin_app(
                 AdminContext(
+                    access,
                     reloader,
                     supervisor,
                     metrics,
@@ -337,6 +358,16 @@ async def _serve(
             await control.stop_requested.wait()
             await _shut_down(reloader, stream_ends, notifier, served, config)
             core.cancel_scope.cancel()
+
+
+async def _admin_token(config: Config) -> str:
+    """A new local admin token in ``{state_dir}/admin.token``, for this run."""
+    try:
+        return await trio.to_thread.run_sync(
+            write_admin_token, config.state_dir, config.server.admin_group
+        )
+    except (OSError, AdminFileError) as exc:
+        raise DaemonError(f"cannot write the local admin token: {exc}") from exc
 
 
 async def _listen(
@@ -374,6 +405,10 @@ async def _listen(
                 shutdown_trigger=trigger,
                 # Read at the stop: a reload changes it too.
                 drain_quiet=lambda: gateway.config.server.drain_quiet,
+                # These three need a restart to change (reload_plan.RESTART_ONLY).
+                admin_socket=owned.config.admin_socket_path,
+                admin_group=owned.config.server.admin_group,
+                health_port=owned.config.server.health_port,
                 task_status=task_status,
             )
         finally:
@@ -382,7 +417,11 @@ async def _listen(
     server = owned.config.server
     try:
         binds = await core.start(run_server)
-    except (OSError, BaseExceptionGroup) as exc:
+    except (OSError, ListenError, BaseExceptionGroup) as exc:
+        # Our own sockets (admin socket, health port) and the TLS files say what failed.
+        own_error = _leaf(exc, ListenError)
+        if own_error is not None:
+            raise DaemonError(str(own_error)) from exc
         bind_error = _leaf(exc, OSError)
         if bind_error is None:
             raise

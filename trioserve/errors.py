@@ -17,6 +17,7 @@ __all__ = [
     "ModelNotFound",
     "ModelUnavailable",
     "QueueFull",
+    "RateLimited",
     "RequestTimeout",
     "RequestTooLarge",
     "TrioserveError",
@@ -63,8 +64,8 @@ class InvalidRequest(TrioserveError):
 class InvalidApiKey(TrioserveError):
     status, code, type = 401, "invalid_api_key", "authentication_error"
 
-    def __init__(self) -> None:
-        super().__init__("a valid API key is required: send it as 'Authorization: Bearer KEY'")
+    def __init__(self, reason: str = "a valid API key is required") -> None:
+        super().__init__(f"{reason}: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY')")
 
 
 NAME_SHOWN = 100
@@ -96,6 +97,29 @@ class QueueFull(TrioserveError):
             f"model {model!r} is busy: {max_queue} requests are already waiting; retry later",
             retry_after=1,
         )
+
+
+# What each budget counts, for the message of a refusal.
+_BUDGET_WINDOWS = {
+    "max_requests_per_minute": "requests in the last 60 s",
+    "max_tokens_per_minute": "tokens in the last 60 s",
+    "max_tokens_per_day": "tokens today (UTC)",
+}
+
+
+class RateLimited(TrioserveError):
+    """A user over one of its budgets; ``Retry-After`` is when that budget has room again."""
+
+    status, code, type = 429, "rate_limited", "rate_limit_error"
+
+    def __init__(self, user: str, budget: str, limit: int, used: int, retry_after: float) -> None:
+        what = _BUDGET_WINDOWS.get(budget, "used")
+        super().__init__(
+            f"user {user!r} is over its budget {budget} = {limit} ({used} {what}); "
+            f"retry in {max(1, math.ceil(retry_after))} s",
+            retry_after=retry_after,
+        )
+        self.budget = budget
 
 
 class UpstreamError(TrioserveError):

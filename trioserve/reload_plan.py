@@ -17,7 +17,18 @@ __all__ = ["RESTART_ONLY", "ReloadPlan", "plan_reload"]
 
 # Server keys a running daemon cannot take over: the bound socket and the state store (with
 # its single-instance lock) were set up from them.
-RESTART_ONLY = ("host", "port", "state_dir")
+RESTART_ONLY = (
+    "host",
+    "port",
+    "state_dir",
+    # Files and listeners made once at start.
+    "admin_socket",
+    "admin_group",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "health_port",
+)
 # A model whose process must be replaced when one of these changes; every other model key
 # (limits, ttl, aliases) applies to the running process.
 PROCESS_KEYS = ("cmd", "env", "health_path")

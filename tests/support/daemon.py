@@ -3,6 +3,7 @@ supervisor; and a check that nothing of it is left once it stopped."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,8 +18,9 @@ import httpx
 import psutil
 import trio
 
+from tests.support.admin import AdminAuth
 from tests.support.processes import Resources, model_processes, trio_task_count
-from trioserve.config import Config
+from trioserve.config import Config, load_config
 from trioserve.daemon import DaemonInfo, run_daemon
 from trioserve.supervision.supervisor import Supervisor
 
@@ -26,8 +28,12 @@ from trioserve.supervision.supervisor import Supervisor
 
 
 @asynccontextmanager
-async def running_daemon(config: Config) -> AsyncIterator[tuple[DaemonInfo, httpx.AsyncClient]]:
+async def running_daemon(
+    config: Config, *, admin: bool = False
+) -> AsyncIterator[tuple[DaemonInfo, httpx.AsyncClient]]:
     """Run the whole daemon in this trio run; yields its info and a client bound to its URL.
+    With ``admin`` the client is the daemon's admin on ``/admin/`` (``tests.support.admin``);
+    without, it is any client that reaches the port.
 
     On exit the daemon is shut down the same way SIGTERM does it.
     """
@@ -39,7 +45,10 @@ async def running_daemon(config: Config) -> AsyncIterator[tuple[DaemonInfo, http
             )
         )
         try:
-            async with httpx.AsyncClient(base_url=info.url, timeout=30, trust_env=False) as client:
+            auth = AdminAuth(config.state_dir) if admin else None
+            async with httpx.AsyncClient(
+                base_url=info.url, timeout=30, trust_env=False, auth=auth
+            ) as client:
                 yield info, client
         finally:
             stop.set()
@@ -62,11 +71,12 @@ class LeakCheck:
 
 @asynccontextmanager
 async def leak_checked_daemon(
-    config: Config,
+    config: Config, *, admin: bool = False
 ) -> AsyncIterator[tuple[DaemonInfo, httpx.AsyncClient]]:
-    """``running_daemon(config)``; after it stopped, asserts that nothing of it is left."""
+    """``running_daemon(config, admin=admin)``; after it stopped, asserts that nothing of it
+    is left."""
     check = LeakCheck()
-    async with running_daemon(config) as (info, client):
+    async with running_daemon(config, admin=admin) as (info, client):
         check.instance = info.instance
         yield info, client
     await check.verify()
@@ -115,6 +125,9 @@ STEERING_ENV = (
     "TRIOSERVE_CONFIG",
     "TRIOSERVE_URL",
     "TRIOSERVE_API_KEY",
+    "TRIOSERVE_CA_CERT",
+    "TRIOSERVE_CLIENT_CERT",
+    "TRIOSERVE_CLIENT_KEY",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -133,8 +146,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 class DaemonProcess:
     """``trioserve start`` as a subprocess of the test, its output in a file."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], config: Path, url: str, log: Path) -> None:
         self.proc = proc
+        self.config = config
         self.url = url
         self.log = log
         self._http: httpx.Client | None = None
@@ -150,6 +164,12 @@ class DaemonProcess:
             self._http = httpx.Client(base_url=self.url, timeout=30, trust_env=False, limits=limits)
         return self._http
 
+    @functools.cached_property
+    def admin(self) -> AdminAuth:
+        """Its admin, for ``auth=`` on a call over ``http`` (``tests.support.admin``); found
+        through its config file, so that only a call that needs it reads the file."""
+        return AdminAuth(load_config(self.config).state_dir)
+
     @classmethod
     def start(
         cls, config: Path, url: str, log: Path, *args: str, env: dict[str, str] | None = None
@@ -163,7 +183,7 @@ class DaemonProcess:
                 stderr=output,
                 env=env if env is not None else clean_env(),
             )
-        return cls(proc, url, log)
+        return cls(proc, config, url, log)
 
     @property
     def pid(self) -> int:
@@ -187,7 +207,7 @@ class DaemonProcess:
         raise AssertionError(f"daemon not healthy within {timeout}s:\n{self.stderr()}")
 
     def load(self, name: str) -> dict[str, Any]:
-        response = self.http.post(f"/admin/models/{name}/load")
+        response = self.http.post(f"/admin/models/{name}/load", auth=self.admin)
         assert response.status_code == 200, response.text
         result: dict[str, Any] = response.json()
         return result

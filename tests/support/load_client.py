@@ -11,6 +11,9 @@ Usage (prints one JSON object), ``CLIENT`` being ``python tests/support/load_cli
         --concurrency 100 --requests 1000 --body '{"model": ...}' [--stream]
     CLIENT --url DIRECT --url2 RELAYED --requests 1000 --body ...  # paired
     CLIENT --probe http://127.0.0.1:PORT/health --seconds 10 --interval 0.01
+
+``LOAD_CLIENT_HEADER="Name: value"`` in the environment adds that header to every request (a
+user's key, for a daemon that needs one).
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from urllib.parse import urlsplit
+
+_EXTRA_HEADER = os.environ.get("LOAD_CLIENT_HEADER", "")
+_EXTRA_LINE = f"{_EXTRA_HEADER}\r\n" if _EXTRA_HEADER else ""
 
 
 async def _request(host: str, port: int, path: str, body: bytes) -> tuple[float, float, int, int]:
@@ -29,7 +36,7 @@ async def _request(host: str, port: int, path: str, body: bytes) -> tuple[float,
     reader, writer = await asyncio.open_connection(host, port)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"{_EXTRA_LINE}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
     writer.write(head + body)
     await writer.drain()

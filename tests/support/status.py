@@ -15,7 +15,8 @@ async def model_status(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
 
 
 async def load_model(client: httpx.AsyncClient, model: str, **kwargs: Any) -> dict[str, Any]:
-    """Load ``model`` (it must come up ready); returns its ``/admin/status`` entry."""
+    """Load ``model`` (it must come up ready); returns its ``/admin/status`` entry. ``client``
+    is the daemon's admin (``running_daemon(config, admin=True)``, ``tests.support.admin``)."""
     response = await client.post(f"/admin/models/{model}/load", **kwargs)
     assert response.status_code == 200, response.text
     info = await model_status(client, model)

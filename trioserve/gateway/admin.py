@@ -8,18 +8,20 @@ Here: the app, who may use it and how errors look; the routes are blueprints by 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioserve.errors import InvalidApiKey, TrioserveError
+from trioserve.gateway.admin_access import log_socket_write
 from trioserve.gateway.admin_context import AdminContext, error_response
 from trioserve.gateway.admin_models import model_routes
 from trioserve.gateway.admin_status import status_routes
 from trioserve.gateway.admin_streams import stream_routes
-from trioserve.gateway.asgi import bearer_ok
+from trioserve.gateway.admin_usage import usage_routes
+from trioserve.gateway.asgi import Scope, bearer_ok
 from trioserve.gateway.ui import add_ui_routes
 
 __all__ = ["AdminContext", "build_admin_app"]
@@ -30,22 +32,23 @@ def build_admin_app(ctx: AdminContext) -> QuartTrio:
     force for the next request."""
     app = QuartTrio(__name__)
     add_ui_routes(app)
-    for routes in (model_routes(ctx), status_routes(ctx), stream_routes(ctx)):
+    for routes in (model_routes(ctx), status_routes(ctx), stream_routes(ctx), usage_routes(ctx)):
         app.register_blueprint(routes)
     reloader = ctx.reloader
+    access = ctx.access
 
     @app.before_request
     async def _auth() -> Response | None:
-        path = request.path
+        # Runs of slashes as one, as the router sees them: "//admin/…" is an admin path too.
+        path = re.sub("/{2,}", "/", request.path)
         config = reloader.config
-        keys: Sequence[str]
+        scope: Scope = request.scope  # type: ignore[assignment]
         if path.startswith("/admin/"):
-            keys = config.server.admin_keys
-        elif path.startswith("/v1/"):
-            keys = config.all_api_keys
-        else:
-            return None
-        if not bearer_ok(request.scope, keys):  # type: ignore[arg-type]
+            refused = access.refusal(scope, config)
+            if refused is not None:
+                return error_response(refused)
+            log_socket_write(scope, request.method, path)
+        elif path.startswith("/v1/") and not bearer_ok(scope, config.all_api_keys):
             return error_response(InvalidApiKey())
         return None
 

@@ -5,12 +5,15 @@ Its config is ``reloader.config``, read per request: a reload is in force for th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from quart import Response
 
 from trioserve.errors import TrioserveError
 from trioserve.gateway.activity import ActivityHistory
+from trioserve.gateway.admin_access import AdminAccess
 from trioserve.gateway.metrics import Metrics
 from trioserve.gateway.stream_ends import StreamEnds
 from trioserve.gateway.usage import UsageBook
@@ -23,6 +26,7 @@ __all__ = ["AdminContext", "error_response", "users_status"]
 
 @dataclass(frozen=True)
 class AdminContext:
+    access: AdminAccess
     reloader: Reloader
     supervisor: Supervisor
     metrics: Metrics
@@ -40,10 +44,11 @@ def error_response(error: TrioserveError) -> Response:
     return Response(error.body_bytes(), status=error.status, headers=headers)
 
 
-def users_status(supervisor: Supervisor, usage: UsageBook) -> dict[str, dict[str, int]]:
+def users_status(supervisor: Supervisor, usage: UsageBook) -> dict[str, dict[str, Any]]:
     """Per user (configured names, everyone else as "anonymous"): in flight and queued over
-    all models now, requests and tokens since the daemon started."""
-    users = {
+    all models now, requests and tokens since the daemon started; for a user with budgets,
+    what remains of each (``"remaining"``)."""
+    users: dict[str, dict[str, Any]] = {
         name: {
             "in_flight": 0,
             "queued": 0,
@@ -58,4 +63,7 @@ def users_status(supervisor: Supervisor, usage: UsageBook) -> dict[str, dict[str
             entry = users.get(name) or users[ANONYMOUS_NAME]
             entry["in_flight"] += counts["in_flight"]
             entry["queued"] += counts["queued"]
+    for name, remaining in usage.budgets.remaining(time.time()).items():
+        if name in users:
+            users[name]["remaining"] = remaining
     return users

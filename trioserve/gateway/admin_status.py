@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from trioserve.errors import InvalidRequest
 from trioserve.gateway.admin_context import AdminContext, error_response, users_status
@@ -35,6 +35,9 @@ def status_routes(ctx: AdminContext) -> Blueprint:
             "started_at": ctx.started_at,
             "uptime_s": round(time.time() - ctx.started_at, 3),
             "last_reload": last.as_dict() if last is not None else None,
+            # Whether this request could do admin writes: the page shows itself read-only
+            # when not, instead of offering buttons that would fail.
+            "admin": ctx.access.is_admin(request.scope, reloader.config),  # type: ignore[arg-type]
             "users": users_status(supervisor, ctx.usage),
             "models": {
                 name: {**model.as_dict(), "queued_by_user": _queued_by_user(supervisor, name)}

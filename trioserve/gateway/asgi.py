@@ -15,6 +15,8 @@ __all__ = [
     "Send",
     "bearer_ok",
     "header",
+    "key_matches",
+    "presented_key",
     "send_error",
     "send_json",
 ]
@@ -32,22 +34,34 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def bearer_ok(scope: Scope, keys: Iterable[str]) -> bool:
-    """True when no keys are configured, or the bearer token matches one (constant time)."""
-    keys = list(keys)
-    if not keys:
-        return True
-    auth = header(scope, b"authorization") or b""
-    scheme, _, token = auth.partition(b" ")
-    if scheme.lower() != b"bearer" or not token:
+def presented_key(scope: Scope) -> bytes | None:
+    """The key a request presents: ``Authorization: Bearer KEY``, else ``x-api-key: KEY``
+    (Anthropic's clients send that one), on every path."""
+    auth = header(scope, b"authorization")
+    if auth:
+        scheme, _, token = auth.partition(b" ")
+        token = token.strip()
+        if scheme.lower() == b"bearer" and token:
+            return token
+    return header(scope, b"x-api-key") or None
+
+
+def key_matches(key: bytes | None, keys: Iterable[str]) -> bool:
+    """True when ``key`` is one of ``keys`` (constant time; False for no key)."""
+    if not key:
         return False
-    token = token.strip()
     # Compare against every key, without stopping at the first match, so timing says nothing
     # about which key (or how much of one) matched.
     matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(token, key.encode())
+    for candidate in keys:
+        matched |= hmac.compare_digest(key, candidate.encode())
     return matched
+
+
+def bearer_ok(scope: Scope, keys: Iterable[str]) -> bool:
+    """True when no keys are configured, or the presented key matches one (constant time)."""
+    keys = list(keys)
+    return not keys or key_matches(presented_key(scope), keys)
 
 
 async def send_json(

@@ -152,6 +152,11 @@ class Assembler:
         return self._usage
 
     @property
+    def events(self) -> int:
+        """The events taken so far (``[DONE]`` included)."""
+        return self._events
+
+    @property
     def done(self) -> bool:
         """True once ``[DONE]`` or an error event arrived: the rest need not be read."""
         return self._done

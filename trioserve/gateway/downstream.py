@@ -17,7 +17,7 @@ from __future__ import annotations
 import trio
 
 from trioserve.errors import TrioserveError
-from trioserve.gateway.asgi import Send, send_error
+from trioserve.gateway.asgi import Send, send_json
 
 __all__ = ["Downstream"]
 
@@ -36,6 +36,9 @@ class Downstream:
         self.is_event_stream = False
         # The last byte sent ended an SSE event (or nothing was sent yet).
         self.at_event_boundary = True
+        # Headers every answer to this request carries, whatever it is (a budget's
+        # x-ratelimit-*), after its own.
+        self.extra: Headers = []
 
     async def start(self, status: int, headers: Headers) -> None:
         """Send the response head (once; the caller checks ``started``)."""
@@ -47,6 +50,8 @@ class Downstream:
         self.is_event_stream = any(
             k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
         )
+        if self.extra:
+            headers = [*headers, *self.extra]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self._head_done.set()
 
@@ -84,7 +89,8 @@ class Downstream:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + FAIL_SEND_LIMIT):
             if not self.started:
                 self.status = error.status
-                await send_error(self.send, error)
+                headers = [h for h in error.headers() if h[0] != b"content-type"]
+                await send_json(self.send, error.status, error.body_bytes(), headers + self.extra)
             elif not self.is_event_stream:
                 # A plain body with a Content-Length is on its way: there is no way to say
                 # "error" inside it. Sending nothing more makes Hypercorn close the connection,

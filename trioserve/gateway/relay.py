@@ -15,13 +15,20 @@ the client going away: ``RelayedRequest.watch_disconnect`` cancels the upstream 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from trioserve.config import Config
-from trioserve.errors import InvalidRequest, RequestTimeout, TrioserveError, UpstreamError
-from trioserve.gateway.asgi import Receive, Scope, Send, header
+from trioserve.errors import (
+    InvalidRequest,
+    RateLimited,
+    RequestTimeout,
+    TrioserveError,
+    UpstreamError,
+)
+from trioserve.gateway.asgi import Receive, Scope, Send, presented_key
 from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembler, upstream_body
 from trioserve.gateway.downstream import Downstream, Headers
 from trioserve.gateway.idle import IdleDeadline
@@ -32,10 +39,12 @@ from trioserve.gateway.upstream import KeepAlivePool, UpstreamResponse
 from trioserve.gateway.usage import (
     StreamUsage,
     UsageBook,
+    generated,
     usage_in_body,
     usage_of,
 )
-from trioserve.sharing.identity import bearer_token, identify, keys_required
+from trioserve.sharing.budgets import UserBudget, ratelimit_headers
+from trioserve.sharing.identity import identify, keys_required
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import ManagedModel
 from trioserve.supervision.supervisor import Supervisor
@@ -112,8 +121,14 @@ class Relay:
         """The body, the model it names, then the upstream side while the client is there."""
         server = self.config.server
         # The key first, before any byte of the body is read: 401 whatever the body holds.
-        token = bearer_token(header(request.scope, b"authorization"))
-        request.user = identify(self.config, token, None, _client_host(request))
+        request.user = identify(
+            self.config, presented_key(request.scope), None, _client_host(request)
+        )
+        # Budgets next, still before the body: a user over budget costs no body read. (Only
+        # a configured user's key gives a user budgets, and the body's `user` never names one.)
+        budget = self.usage.budgets.get(request.user.name)
+        if budget is not None:
+            _admit(request, budget)
         with trio.move_on_after(BODY_READ_TIMEOUT) as body_read:
             body = await read_body(request.scope, receive, server.max_body_bytes)
         if body_read.cancelled_caught:
@@ -257,15 +272,22 @@ class Relay:
         out = request.out
         chunk = first
         usage = StreamUsage()
-        with IdleDeadline(idle) as gap:
-            while chunk:
-                usage.feed(chunk)
-                await out.send_body(chunk)
-                # Time a slow client took is not the model's silence.
-                gap.touch()
-                chunk = await response.receive_some()
-                gap.touch()
-        request.usage = usage.usage()
+        ended = False
+        try:
+            with IdleDeadline(idle) as gap:
+                while chunk:
+                    usage.feed(chunk)
+                    await out.send_body(chunk)
+                    # Time a slow client took is not the model's silence.
+                    gap.touch()
+                    chunk = await response.receive_some()
+                    gap.touch()
+            ended = not gap.expired
+        finally:
+            # A complete answer counts its usage, or none when it had none. Only an answer
+            # cut short (client gone, deadline, crash) counts an estimate of what was
+            # generated until then (``StreamUsage.counted``).
+            request.usage = usage.usage() if ended else usage.counted()
         if gap.expired:
             raise RequestTimeout(
                 f"model {request.model!r} sent nothing for stream_idle_timeout "
@@ -304,19 +326,29 @@ class Relay:
         assembler = Assembler(request.assemble, response.status, content_type)
         idle = self.config.server.stream_idle_timeout
         chunk = first
-        with IdleDeadline(idle) as gap:
-            while chunk:
-                assembler.feed(chunk)
-                # Read on after [DONE]: a keep-alive connection goes back to the pool only
-                # once its response has ended.
-                chunk = await response.receive_some()
-                gap.touch()
+        ended = False
+        try:
+            with IdleDeadline(idle) as gap:
+                while chunk:
+                    assembler.feed(chunk)
+                    # Read on after [DONE]: a keep-alive connection goes back to the pool only
+                    # once its response has ended.
+                    chunk = await response.receive_some()
+                    gap.touch()
+            ended = not gap.expired
+        finally:
+            # As a stream's (``_stream``): the usage, or none; an estimate only for an
+            # answer cut short before its [DONE] (or error event): then its events are all
+            # answer chunks (``usage.generated``).
+            found = usage_of({"usage": assembler.usage})
+            if found is None and not (ended or assembler.done):
+                found = generated(assembler.events)
+            request.usage = found
         if gap.expired:
             raise RequestTimeout(
                 f"model {request.model!r} stalled for stream_idle_timeout ({idle:g}s)"
             )
         answer = assembler.result()
-        request.usage = usage_of({"usage": assembler.usage})
         headers = [
             (b"content-type", answer.content_type),
             (b"content-length", str(len(answer.body)).encode()),
@@ -332,6 +364,8 @@ class Relay:
             await out.send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         status, headers, payload = request.reply
+        if out.extra:
+            headers = [*headers, *out.extra]
         out.status = status
         await out.send({"type": "http.response.start", "status": status, "headers": headers})
         await out.send({"type": "http.response.body", "body": payload, "more_body": False})
@@ -342,6 +376,20 @@ class Relay:
         if isinstance(error, RequestTimeout):
             self.metrics.cancelled(model)
         await request.out.fail(error)
+
+
+def _admit(request: RelayedRequest, budget: UserBudget) -> None:
+    """Count the request against its user's budgets, or refuse it (429 ``rate_limited``, with
+    ``Retry-After``); either answer carries the budgets' ``x-ratelimit-*`` headers, as they
+    are once this request is counted. O(1): no store, no lock, no await."""
+    now = time.time()
+    refusal = budget.admit(now)
+    if budget.limits.any:
+        request.out.extra = ratelimit_headers(budget.remaining(now))
+    if refusal is not None:
+        raise RateLimited(
+            request.user.name, refusal.budget, refusal.limit, refusal.used, refusal.retry_after
+        )
 
 
 def _client_host(request: RelayedRequest) -> str | None:

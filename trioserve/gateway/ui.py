@@ -1,9 +1,15 @@
 """The status page: ``GET /ui`` and its static files, shipped in the package (``trioserve/ui``).
 
-The files hold no data, so they are served without a key; the page asks for one and reads
-everything through the admin API with it. Static files live under a path named after a hash of
-their content: the browser may keep them forever, and an upgrade (new content, new path) is
-seen at the next load of ``/ui``, which itself is never cached.
+The files hold no data, so they are served without a key; the page reads everything through
+the admin API. Its admin calls carry a bearer credential kept in the tab's ``sessionStorage``:
+an admin key the page asks for (``admin_keys`` set), or the local admin token that ``trioserve
+ui`` puts in the URL's fragment (``/ui#token=…``: never sent to the server, removed from the
+address bar at load). Without one the page is read-only, as ``/admin/status``'s ``"admin"``
+says.
+
+Static files live under a path named after a hash of their content: the browser may keep them
+forever, and an upgrade (new content, new path) is seen at the next load of ``/ui``, which
+itself is never cached.
 """
 
 from __future__ import annotations

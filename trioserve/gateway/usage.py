@@ -1,4 +1,6 @@
-"""Per-user accounting: requests, tokens and queue waits, for ``/admin/status`` and ``/metrics``.
+"""Per-user accounting: requests, tokens and queue waits, for ``/admin/status`` and ``/metrics``;
+the budgets they are counted against; the per-hour totals waiting to be written to the state
+store (``usage_keeper.py`` writes them).
 
 Labels are bounded: a user is its configured name or ``anonymous``, never a raw ``user``
 string or address (an unbounded label set breaks Prometheus).
@@ -7,17 +9,22 @@ string or address (an unbounded label set breaks Prometheus).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from trioserve.config import UserConfig
+from trioserve.host.store import UsageRow
+from trioserve.sharing.budgets import HOUR, Budgets
 from trioserve.sharing.identity import ANONYMOUS_NAME, User
 
 __all__ = [
     "StreamUsage",
     "UsageBook",
     "UserTotals",
+    "generated",
     "usage_in_body",
     "usage_in_stream_tail",
     "usage_of",
@@ -38,13 +45,20 @@ class UserTotals:
 
 
 class UsageBook:
-    """Totals per user name since the daemon started, and their Prometheus series."""
+    """Totals per user name since the daemon started, and their Prometheus series; the users'
+    budgets; what is not yet in the state store."""
 
-    def __init__(self, registry: CollectorRegistry, user_names: Iterable[str]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, users: Mapping[str, UserConfig] | Iterable[str]
+    ) -> None:
         self.totals: dict[str, UserTotals] = {}
         # Completion tokens per model since start: the activity chart's tokens/s.
         self.completion_by_model: dict[str, int] = {}
-        self.set_users(user_names)
+        self.budgets = Budgets()
+        # Not yet written to the state store: (UTC hour, user, model) → [requests, prompt,
+        # completion]. One dict update per request; a task takes it whole each second.
+        self._pending: dict[tuple[int, str, str], list[int]] = {}
+        self.set_users(users)
         self._requests = Counter(
             "trioserve_user_requests",
             "Relayed requests by user, model and HTTP status",
@@ -65,28 +79,65 @@ class UsageBook:
             buckets=_WAIT_BUCKETS,
         )
 
-    def set_users(self, user_names: Iterable[str]) -> None:
-        """The configured users (at start and on reload); a removed user's totals go."""
-        names = [*user_names, ANONYMOUS_NAME]
+    def set_users(self, users: Mapping[str, UserConfig] | Iterable[str]) -> None:
+        """The configured users (at start and on reload): a removed user's totals go (its
+        budget windows are kept aside, ``Budgets.set_users``), a changed budget applies from
+        the next request. No I/O: a reload's apply calls it."""
+        names = [*users, ANONYMOUS_NAME]
         self.totals = {name: self.totals.get(name, UserTotals()) for name in names}
+        self.budgets.set_users(users, time.time())
+
+    def take_pending(self) -> list[UsageRow]:
+        """What finished since the last call, per hour, user and model; forgotten here."""
+        pending, self._pending = self._pending, {}
+        return [UsageRow(*key, *counts) for key, counts in pending.items()]
+
+    def restore_pending(self, rows: Iterable[UsageRow]) -> None:
+        """Rows a write could not store, kept for the next one."""
+        for row in rows:
+            self._add_pending(
+                (row.hour, row.user, row.model),
+                row.requests,
+                row.prompt_tokens,
+                row.completion_tokens,
+            )
+
+    def _add_pending(
+        self, key: tuple[int, str, str], requests: int, prompt: int, completion: int
+    ) -> None:
+        counts = self._pending.get(key)
+        if counts is None:
+            self._pending[key] = [requests, prompt, completion]
+        else:
+            counts[0] += requests
+            counts[1] += prompt
+            counts[2] += completion
 
     def waited(self, user: User, model: str, seconds: float) -> None:
         self._wait.labels(user.name, model).observe(seconds)
 
     def finished(self, user: User, model: str, status: int, usage: tuple[int, int] | None) -> None:
-        totals = self.totals.get(user.name)
+        name = user.name
+        totals = self.totals.get(name)
         if totals is None:  # a user removed by a reload while its request ran
             totals = self.totals[ANONYMOUS_NAME]
         totals.requests += 1
-        self._requests.labels(user.name, model, str(status)).inc()
+        self._requests.labels(name, model, str(status)).inc()
+        now = time.time()
+        prompt, completion = usage if usage is not None else (0, 0)
+        # Under the user's own name even when a reload removed it meanwhile (a name that
+        # was configured: bounded), in the store as in its day's window, so that the name
+        # configured again, now or after a restart, is counted the same.
+        self._add_pending((int(now // HOUR), name, model), 1, prompt, completion)
         if usage is None:
             return
-        prompt, completion = usage
+        if name != ANONYMOUS_NAME:
+            self.budgets.spend(name, now, prompt + completion)
         totals.prompt_tokens += prompt
         totals.completion_tokens += completion
         self.completion_by_model[model] = self.completion_by_model.get(model, 0) + completion
-        self._tokens.labels(user.name, model, "prompt").inc(prompt)
-        self._tokens.labels(user.name, model, "completion").inc(completion)
+        self._tokens.labels(name, model, "prompt").inc(prompt)
+        self._tokens.labels(name, model, "completion").inc(completion)
 
 
 def usage_of(answer: object) -> tuple[int, int] | None:
@@ -134,14 +185,20 @@ class StreamUsage:
     choices make it longer still). No per-chunk JSON: a chunk is searched for the end of an
     event and for ``"usage"``, and only the event that has it is kept."""
 
-    __slots__ = ("_event", "_found", "_skipping")
+    __slots__ = ("_event", "_found", "_last", "_skipping", "events")
 
     def __init__(self) -> None:
         self._event = bytearray()  # the event in progress: everything after the last blank line
         self._found = b""  # the last complete event that mentions "usage"
         self._skipping = False  # the event in progress outgrew MAX_EVENT_BYTES
+        self._last = b""  # the last read: whether the stream got to its [DONE] (``whole``)
+        # `data:` lines seen: what `counted()` falls back on (one C-level scan per read; a
+        # marker split between two reads is missed, which an estimate can afford).
+        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
+        self.events += chunk.count(b"data:")
+        self._last = chunk
         event = self._event
         if not event:
             # The usual read: whole events. Looked at in place; only a partial event at its
@@ -179,6 +236,48 @@ class StreamUsage:
             if found is not None:
                 return found
         return usage_in_stream_tail(self._found) if self._found else None
+
+    @property
+    def whole(self) -> bool:
+        """True once the last read ended in ``data: [DONE]``: every event of the answer came."""
+        return _ends_in_done(self._last)
+
+    def counted(self) -> tuple[int, int] | None:
+        """What an answer cut short (client gone, deadline, crash) is counted as: ``usage()``,
+        or else ``generated(events)``; but an answer that got to its ``[DONE]`` was whole,
+        and counts only its usage, as a complete answer does (see ``generated``)."""
+        found = self.usage()
+        if found is not None or self.whole:
+            return found
+        return generated(self.events)
+
+
+def generated(events: int) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a streamed answer cut short (client gone, deadline,
+    crash) before its usage, from its number of ``data:`` events. Only for those: a complete
+    answer without usage counts none (the upstream said nothing of its tokens), and its
+    ``[DONE]``, its finish and usage events are no tokens.
+
+    The usage comes in the last event, which such an answer never got; llama-server, vLLM and
+    OpenAI send one token per event, so the events are the tokens generated until then. (Give
+    or take one: OpenAI's and vLLM's first event, and llama-server's since late 2024, carry
+    only the role. ``[DONE]`` is never among them: an answer that got it was whole.) vLLM
+    with ``stream_options.continuous_usage_stats`` sends a usage in every event, and
+    ``usage()`` finds the last one: then that is exact. The prompt is not counted: without
+    the model's tokenizer the relay cannot tell its length (a budget then holds what was
+    generated).
+    """
+    return (0, events) if events > 0 else None
+
+
+def _ends_in_done(chunk: bytes) -> bool:
+    """Whether ``chunk`` (a read of an event stream) ends in the ``data: [DONE]`` event. Its
+    last bytes only: a JSON event ends in ``}``, never in ``[DONE]``."""
+    tail = chunk[-24:].rstrip()
+    if not tail.endswith(b"[DONE]"):
+        return False
+    before = tail[:-6].rstrip()
+    return not before or before.endswith(b"data:")
 
 
 # A blank line ends an event: "\n\n", or with CRs "\n\r\n" (which "\r\n\r\n" ends in).

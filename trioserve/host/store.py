@@ -30,6 +30,7 @@ __all__ = [
     "InstanceLocked",
     "StateStore",
     "StoreWriter",
+    "UsageRow",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ CREATE TABLE IF NOT EXISTS children (
     exit_code INTEGER
 );
 CREATE INDEX IF NOT EXISTS children_live ON children (state) WHERE stopped_at IS NULL;
+CREATE TABLE IF NOT EXISTS usage (
+    hour INTEGER NOT NULL,  -- UTC hour: UNIX seconds // 3600
+    user TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (hour, user, model)
+) WITHOUT ROWID;
 """
 
 
@@ -89,6 +99,18 @@ class ChildRow:
     started_at: float
     stopped_at: float | None
     exit_code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One user's usage of one model in one UTC hour (or what to add to it)."""
+
+    hour: int  # UNIX seconds // 3600
+    user: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class StateStore:
@@ -211,6 +233,26 @@ class StateStore:
         if live_only:
             query += " WHERE stopped_at IS NULL"
         return [_child(row) for row in self._read(query + " ORDER BY id")]
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add to the hourly usage totals: one transaction per batch (the daemon's is a second's
+        worth of finished requests)."""
+        with self._connect() as conn:
+            conn.executemany(
+                "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT (hour, user, model) DO UPDATE"
+                " SET requests = requests + excluded.requests,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                [
+                    (r.hour, r.user, r.model, r.requests, r.prompt_tokens, r.completion_tokens)
+                    for r in rows
+                ],
+            )
+
+    def usage(self, since_hour: int) -> list[UsageRow]:
+        """The hourly usage rows from ``since_hour`` on (read-only; none before any)."""
+        query = f"SELECT * FROM usage WHERE hour >= {int(since_hour)} ORDER BY hour, user, model"
+        return [UsageRow(*row) for row in self._read(query)]
 
 
 def _child(row: Sequence[Any]) -> ChildRow:

@@ -4,7 +4,10 @@ Written against Hypercorn 0.18 and pinned to it (``hypercorn>=0.18,<0.19`` in py
 
 * ``hypercorn_config``: our settings, through Hypercorn's public ``Config``.
 * ``serve``: a fork of ``hypercorn.trio.serve`` and ``hypercorn.trio.run.worker_serve``, which
-  serves on our listeners (``listener.py``: ``/health`` at accept time, a take-over thread).
+  serves on our listeners (``listener.py``: ``/health`` at accept time, a take-over thread),
+  with TLS as upstream does it, and on our own sockets (``sockets.py``: the admin socket, the
+  health port). ``listening.py`` opens them all, with no Hypercorn names: the main port's
+  sockets and TLS context are made here, with Hypercorn's ``Config``, and handed to it.
 * ``LeanTCPServer``: Hypercorn's per-connection ``hypercorn.trio.tcp_server.TCPServer`` with
   its ``protocol_send`` overridden and ``run`` extended.
 * ``Drain``: the drain before Hypercorn's own shutdown (ASGI only, no Hypercorn names).
@@ -20,8 +23,10 @@ import contextlib
 import logging
 import math
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -35,15 +40,20 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from trioserve.config import Config
-from trioserve.server.first_bytes import defer_accept
-from trioserve.server.listener import (
-    HEALTH_STATE_KEY,
-    DirectListener,
-    Liveness,
-    TakenOverConnections,
-)
+from trioserve.gateway.admin_access import ADMIN_PEER_KEY
+from trioserve.server.listener import HEALTH_STATE_KEY, Liveness, answer_on_health_port
+from trioserve.server.listening import Listening, open_listening
+from trioserve.server.sockets import ListenError, peer_of
 
-__all__ = ["UPSTREAM_FINGERPRINTS", "Drain", "LeanTCPServer", "hypercorn_config", "retune", "serve"]
+__all__ = [
+    "UPSTREAM_FINGERPRINTS",
+    "Drain",
+    "LeanTCPServer",
+    "ListenError",
+    "hypercorn_config",
+    "retune",
+    "serve",
+]
 
 # sha256 of ``ast.dump(ast.parse(inspect.getsource(obj)))`` (code, not formatting or comments)
 # of the Hypercorn 0.18.0 code that ``serve`` forks and ``LeanTCPServer`` overrides. When
@@ -70,6 +80,9 @@ KEEP_ALIVE_TIMEOUT = 5
 MAX_HEADER_BYTES = 32 * 1024
 # A client that takes no byte of a response for this long is cut off.
 SEND_LIMIT = 30.0
+# A TLS handshake is a few round trips: a client that has not finished one in this long is gone
+# or stalling on purpose, and holds a task and a descriptor until then (Hypercorn's: 60 s).
+TLS_HANDSHAKE_TIMEOUT = 10
 # The drain (see ``Drain``) ends once no request has been in flight for this long, by default
 # (``server.drain_quiet``, read at the stop): long enough to span the gap between one request
 # of a busy client and its next, short enough that a daemon stopped just after a request is
@@ -101,6 +114,15 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     # An idle keep-alive connection is closed after this long. Short, because a client that
     # vanished after a streamed response leaves its socket in CLOSE_WAIT until then.
     hyper.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    server = config.server
+    if config.tls:
+        # Hypercorn's own TLS: its context offers h2 and http/1.1 by ALPN (``alpn_protocols``).
+        hyper.certfile = str(Path(server.tls_cert).expanduser())
+        hyper.keyfile = str(Path(server.tls_key).expanduser())
+        hyper.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
+        if server.tls_client_ca:
+            hyper.ca_certs = str(Path(server.tls_client_ca).expanduser())
+            hyper.verify_mode = ssl.CERT_REQUIRED
     # Our own deadlines cover requests; Hypercorn's would cut long streams.
     return hyper
 
@@ -128,14 +150,16 @@ class LeanTCPServer(TCPServer):
 
     Bounded: a client that takes no byte for ``SEND_LIMIT`` is cut off (the connection is
     closed; its request sees the client gone). Hypercorn's own shielded send would wait for it
-    forever.
+    forever, and hold up the daemon's stop.
+
+    Over TLS (and so HTTP/2) only the bound applies: the send is Hypercorn's (``_send_tls``).
     """
 
     def __init__(self, *args: Any) -> None:
         """Hypercorn's ``(app, config, context, state, stream)``."""
         super().__init__(*args)
-        # TLS streams (not used by the gateway) have no plain socket to write to. The name is
-        # ours: Hypercorn's TCPServer has no attribute of that name (the coupling test checks).
+        # TLS streams have no plain socket to write to (``_send_tls``). The name is ours:
+        # Hypercorn's TCPServer has no attribute of that name (the coupling test checks).
         self._plain_socket = (
             self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
         )
@@ -157,8 +181,11 @@ class LeanTCPServer(TCPServer):
                 del self.protocol
 
     async def protocol_send(self, event: Event) -> None:
-        if type(event) is not RawData or self._plain_socket is None:
+        if type(event) is not RawData:
             await super().protocol_send(event)
+            return
+        if self._plain_socket is None:
+            await self._send_tls(event.data)
             return
         data = event.data
         sent = 0
@@ -182,6 +209,26 @@ class LeanTCPServer(TCPServer):
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
         await self._send_rest(data[sent:])
+
+    async def _send_tls(self, data: bytes) -> None:
+        """Hypercorn's send (whole, under its lock, shielded) with our bound: over TLS, a
+        client that takes none of it for ``SEND_LIMIT`` is cut off. The bound is on the whole
+        send here (trio's TLS stream says nothing of partial progress); Hypercorn sends a
+        response in pieces as the app hands them over, so a reader that is merely slow is
+        not cut off."""
+        with trio.CancelScope(shield=True):
+            async with self.send_lock:
+                with trio.move_on_after(SEND_LIMIT) as waiting:
+                    try:
+                        await self.stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self.protocol.handle(Closed())
+                        return
+                if waiting.cancelled_caught:
+                    log.info("closing a connection whose client took nothing for %gs", SEND_LIMIT)
+                    # A TLS stream whose send was cancelled is broken: closed without goodbye.
+                    await trio.aclose_forcefully(self.stream)
+                    await self.protocol.handle(Closed())
 
     async def _send_rest(self, data: bytes) -> None:
         assert self._plain_socket is not None
@@ -257,23 +304,86 @@ class Drain:
             await trio.sleep_until(quiet_at)
 
 
+def _tls_context(hyper: HypercornConfig) -> ssl.SSLContext | None:
+    try:
+        return hyper.create_ssl_context()
+    except (OSError, ValueError) as exc:
+        files = ", ".join(
+            f"{name} {path}"
+            for name, path in (
+                ("tls_cert", hyper.certfile),
+                ("tls_key", hyper.keyfile),
+                ("tls_client_ca", hyper.ca_certs),
+            )
+            if path
+        )
+        raise ListenError(f"cannot use the TLS files ({files}): {exc}") from exc
+
+
+def _listen(
+    hyper: HypercornConfig,
+    liveness: Liveness,
+    admin_socket: Path | None,
+    admin_group: str,
+    health_port: int,
+) -> tuple[Listening, list[str]]:
+    """Every listening socket (``listening.py``: all or none), and the main port's URLs. The
+    main port's sockets and TLS context are Hypercorn's, from ``hyper``."""
+    tls = _tls_context(hyper)
+    sockets = hyper.create_sockets()
+    listening = open_listening(
+        secure=sockets.secure_sockets,
+        insecure=sockets.insecure_sockets,
+        tls=tls,
+        backlog=hyper.backlog,
+        liveness=liveness,
+        admin_socket=admin_socket,
+        admin_group=admin_group,
+        health_port=health_port,
+    )
+    try:
+        binds = [
+            f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
+            for scheme, group in (
+                ("https", sockets.secure_sockets),
+                ("http", sockets.insecure_sockets),
+            )
+            for sock in group
+        ]
+    except BaseException:
+        listening.close()
+        raise
+    return listening, binds
+
+
 async def serve(
     app: Any,
     hyper: HypercornConfig,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     drain_quiet: Callable[[], float] = lambda: DRAIN_QUIET,
+    admin_socket: Path | None = None,
+    admin_group: str = "",
+    health_port: int = 0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A fork of ``hypercorn.trio.serve`` and ``worker_serve`` (see ``UPSTREAM_FINGERPRINTS``).
 
     What differs from upstream: our listeners (``DirectListener`` and the take-over thread,
-    ``listener.py``) instead of ``trio.SocketListener``, with ``defer_accept``; ``LeanTCPServer``
-    for each connection; no TLS, QUIC or ``max_requests``; ``task_status.started`` once the
-    take-over threads run; the ``Drain`` between ``shutdown_trigger`` and the shutdown, with
-    ``graceful_timeout`` counted from ``shutdown_trigger`` (the drain is part of it). The rest
-    is Hypercorn's own: lifespan, and on shutdown no new connections, then the rest of
-    ``graceful_timeout`` for the ones in flight.
+    ``listener.py``) instead of ``trio.SocketListener`` for plain HTTP, with ``defer_accept``;
+    ``LeanTCPServer`` for each connection; no QUIC, ``insecure_bind`` or ``max_requests``;
+    ``task_status.started`` once the take-over threads run; the ``Drain`` between
+    ``shutdown_trigger`` and the shutdown, with ``graceful_timeout`` counted from
+    ``shutdown_trigger`` (the drain is part of it). TLS is upstream's (``trio.SSLListener``
+    around the listening socket; no accept-time ``/health`` there: ``listener.py`` says why).
+    Ours besides: the admin socket at ``admin_socket`` (its connections marked admin, with
+    their peer's credentials) and the health port (``sockets.py``), both opened with the main
+    port's listeners (``listening.py``) and closed with them, the admin socket's file removed.
+    The rest is Hypercorn's own: lifespan, and on shutdown no new connections, then the rest
+    of ``graceful_timeout`` for the ones in flight.
+
+    A socket of ours that cannot be opened raises ``ListenError``; the main port's bind, the
+    ``OSError`` of Hypercorn's ``create_sockets``.
     """
     hyper.set_statsd_logger_class(StatsdLogger)
     drain = Drain(app)
@@ -302,47 +412,68 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        # As upstream, the lifespan's state as startup left it. The app's /health answers from
+        # the same Liveness. Only the admin socket's connections carry a peer: whatever the
+        # lifespan put in its state, these never do.
+        state = ConnectionState({**lifespan_state, HEALTH_STATE_KEY: liveness})
+        state.pop(ADMIN_PEER_KEY, None)
+
+        async def admin_connection(stream: trio.SocketStream) -> None:
+            try:
+                peer = peer_of(stream.socket)
+            except OSError:
+                return  # gone already
+            log.debug("admin socket: connection from uid %d, pid %d", peer.uid, peer.pid)
+            # A state of its own per connection: the peer is this connection's, nobody else's.
+            own = ConnectionState({**state, ADMIN_PEER_KEY: peer})
+            await LeanTCPServer(wrapped, hyper, context, own, stream).run()
+
         async with trio.open_nursery() as server_nursery:
-            sockets = hyper.create_sockets()
-            listeners: list[trio.abc.Listener[trio.SocketStream]] = []
-            taken_over: list[TakenOverConnections] = []
-            binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(hyper.backlog)
-                sock.setblocking(False)
-                defer_accept(sock)
-                thread = TakenOverConnections(sock, liveness)
-                taken_over.append(thread)
-                # The loop accepts for itself while it can; the thread takes what it leaves.
-                listeners += [DirectListener(sock, thread), thread]
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            listening, binds = _listen(hyper, liveness, admin_socket, admin_group, health_port)
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as accepting:
-                    for thread_listener in taken_over:
+                    for thread_listener in listening.taken_over:
                         await accepting.start(thread_listener.run)
+                    if not listening.taken_over:
+                        # No thread keeps the heartbeat (TLS without a health port): the app's
+                        # /health would say "stalled".
+                        accepting.start_soon(liveness.run)
                     task_status.started(binds)
                     accepting.start_soon(raise_shutdown, drained)
                     accepting.start_soon(raise_shutdown, context.terminate.wait)
                     accepting.start_soon(
                         partial(
                             trio.serve_listeners,
-                            partial(
-                                LeanTCPServer,
-                                wrapped,
-                                hyper,
-                                context,
-                                # The app's /health answers from the same Liveness.
-                                ConnectionState({**lifespan_state, HEALTH_STATE_KEY: liveness}),
-                            ),
-                            listeners,
+                            partial(LeanTCPServer, wrapped, hyper, context, state),
+                            listening.main,
                             handler_nursery=server_nursery,
                         )
                     )
+                    if listening.admin:
+                        accepting.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                admin_connection,
+                                listening.admin,
+                                handler_nursery=server_nursery,
+                            )
+                        )
+                    if listening.health:
+                        accepting.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                partial(answer_on_health_port, liveness),
+                                listening.health,
+                                handler_nursery=server_nursery,
+                            )
+                        )
             except BaseExceptionGroup as error:
                 _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
                 if other_errors is not None:
                     raise other_errors from None
             finally:
+                # No new connection from now on; the admin socket's file goes with it.
+                listening.close()
                 await context.terminated.set()
                 if stop_requested_at is None:
                     stop_requested_at = trio.current_time()

@@ -22,6 +22,19 @@ yet (rare: ``first_bytes.defer_accept``) waits in the thread for at most ``PEEK_
 While the daemon drains before it stops (``hypercorn_serve.serve``), the answer is
 ``503 {"status":"draining"}``: a balancer that checks ``/health`` takes the node out of its
 rotation while the node still serves everything it is sent.
+
+With TLS the first bytes are a ClientHello: nothing says what the request is until the
+handshake is done and the first record decrypted. Answering at accept time would mean every
+TLS connection's handshake in the thread (it cannot tell a probe from a client before), then
+handing an established session to trio, whose ``SSLStream`` only does handshakes of its own: a
+TLS stream of ours, instead of trio's, for every connection, for the probe's sake. So the main
+port over TLS is upstream's (``/health`` answered by the app, from the same ``Liveness``; each
+handshake step waits a pass of a busy loop: p99 in the hundreds of ms under 200 TLS streams,
+``bench/tls_health.py``), and ``[server] health_port`` offers this machinery on a plain-HTTP
+loopback port, with or without TLS: the same listeners, thread and ``Liveness`` (draining,
+stalled), with ``answer_on_health_port`` for what was not a complete ``/health`` at accept
+time (a slow one, or anything else: 404, without the app). A probe is local anyway (systemd, a
+balancer's agent); one from another machine checks the main port, and pays for its TLS.
 """
 
 from __future__ import annotations
@@ -39,9 +52,15 @@ from collections.abc import Callable
 
 import trio
 
-from trioserve.server.first_bytes import Verdict, peek
+from trioserve.server.first_bytes import MAX_PEEK, Verdict, classify, peek
 
-__all__ = ["HEALTH_STATE_KEY", "DirectListener", "Liveness", "TakenOverConnections"]
+__all__ = [
+    "HEALTH_STATE_KEY",
+    "DirectListener",
+    "Liveness",
+    "TakenOverConnections",
+    "answer_on_health_port",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +79,22 @@ MAX_HANDED_OVER = 4096
 # it is stuck, and /health says so (503) instead of lying.
 LOOP_TICK = 1.0
 LOOP_STALL_AFTER = 30.0
+# On the health port, a connection whose /health was not complete at accept time gets this
+# long to send it (a probe that slow is the probe's problem; the connection is not kept).
+HEALTH_PORT_HEAD_WAIT = 5.0
 
 _OK_BODY = b'{"status":"ok"}'
 _STALLED_BODY = b'{"status":"stalled","reason":"the event loop has not run for %ds"}'
 _DRAINING_BODY = b'{"status":"draining"}'
 _REASONS = {200: b"200 OK", 503: b"503 Service Unavailable"}
+_NOT_FOUND_BODY = (
+    b'{"error":{"message":"this port (server.health_port) serves only GET /health",'
+    b'"type":"invalid_request_error","code":"not_found"}}'
+)
+_NOT_FOUND_HEAD = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+    b"content-length: " + str(len(_NOT_FOUND_BODY)).encode() + b"\r\nconnection: close\r\n\r\n"
+)
 # Where the server puts the ``Liveness`` in each request's ASGI ``scope["state"]``, so that a
 # /health request Hypercorn serves (one on a keep-alive connection) gets the same answer.
 HEALTH_STATE_KEY = "trioserve.liveness"
@@ -406,3 +436,29 @@ class _TakeOverThread:
         except trio.RunFinishedError:
             self.slots.release()
             conn.close()
+
+
+async def answer_on_health_port(liveness: Liveness, stream: trio.SocketStream) -> None:
+    """On the health port, a connection the listeners did not answer at accept time: a
+    ``/health`` that came slowly gets ``liveness``'s answer, anything else 404; the app is
+    never involved, and the connection is closed after the one answer."""
+    async with stream:
+        with trio.move_on_after(HEALTH_PORT_HEAD_WAIT):
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and len(head) < MAX_PEEK:
+                    data = await stream.receive_some(MAX_PEEK - len(head))
+                    if not data:
+                        break
+                    head += data
+                if not head:
+                    return
+                if classify(head) is Verdict.HEALTH:
+                    _, answer = liveness.reply(head)
+                elif head.startswith(b"HEAD "):
+                    answer = _NOT_FOUND_HEAD
+                else:
+                    answer = _NOT_FOUND_HEAD + _NOT_FOUND_BODY
+                await stream.send_all(answer)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass

@@ -7,9 +7,20 @@
 //
 // Everything the daemon sends (model names, errors, log lines) is untrusted text: it reaches
 // the page only through textContent and SVG attributes, never as HTML.
+//
+// Who may do what (the daemon decides; /admin/status says "admin": true|false for this page):
+// - admin: the Load, Unload, Force and Logs buttons are there. With admin_keys set that takes
+//   a key (the page asks for one); with admin_keys empty, the local admin token, which
+//   `trioserve ui` hands over in the URL's fragment (/ui#token=…), or admin_over_tcp = "open".
+// - read-only: status, chart, events and users stay live; the actions are not shown, and a
+//   note says how to get write access. A token that stopped working (the daemon restarted and
+//   wrote a new one) brings the page here too, saying so.
+// The token and a typed key are one credential, kept in sessionStorage (this tab only) and sent
+// as a bearer header.
 "use strict";
 
 const KEY_STORAGE = "trioserve.adminKey";
+const KEY_FROM_STORAGE = "trioserve.adminKeyFrom";  // "token" (from the URL) or "key" (typed)
 const RECONNECT_FIRST = 500;      // ms: first retry after a lost connection
 const RECONNECT_MAX = 10000;      // ms: retries back off up to this
 const LOGS_TAIL = 500;            // lines the log view shows
@@ -27,9 +38,34 @@ const page = {
   logsTimer: null,
   session: null,    // AbortController of the current connection
   retryDelay: RECONNECT_FIRST,
+  admin: false,     // the daemon's last word: may this page do admin calls?
+  tokenChanged: false,  // the tab's admin token stopped working (a restarted daemon)
 };
 
 class KeyRequired extends Error {}
+
+// -- the local admin token from `trioserve ui` ----------------------------------------------
+
+// `trioserve ui` prints /ui#token=…: a fragment is never sent to the server (nor in a Referer),
+// so the token stays out of every log. The page moves it into sessionStorage and out of the
+// address bar at once, so it is not bookmarked, kept in the history or seen in a screenshot.
+// Returns whether a token was taken.
+function takeTokenFromUrl() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (!fragment.has("token")) return false;
+  const token = (fragment.get("token") || "").trim();
+  fragment.delete("token");
+  const rest = fragment.toString();
+  const address = location.pathname + location.search + (rest ? "#" + rest : "");
+  history.replaceState(history.state, "", address);
+  if (!token) return false;
+  sessionStorage.setItem(KEY_STORAGE, token);
+  sessionStorage.setItem(KEY_FROM_STORAGE, "token");
+  page.tokenChanged = false;
+  return true;
+}
+
+takeTokenFromUrl();  // before anything else: the page's first request already carries it
 
 function $(id) {
   return document.getElementById(id);
@@ -122,7 +158,7 @@ async function connect() {
       follow("/admin/events", session.signal, onLifecycleEvent),
       follow("/admin/activity", session.signal, onActivity),
     ];
-    showConnection("live", "live");
+    showConnection("live", page.admin ? "live" : "live · read-only");
     page.retryDelay = RECONNECT_FIRST;
     await Promise.race(streams);
   } catch (error) {
@@ -139,15 +175,49 @@ async function connect() {
   }
 }
 
+// A new connection, now: after a new token, or when an admin call was refused (the connection
+// then learns from /admin/status whether a key is needed or the page is read-only).
+function reconnect() {
+  if (page.session) page.session.abort();
+  page.retryDelay = RECONNECT_FIRST;
+  connect();
+}
+
+// Only with admin_keys set: every /admin call needs a key, reads too.
 function askForKey() {
   const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
-  sessionStorage.removeItem(KEY_STORAGE);
+  const fromToken = sessionStorage.getItem(KEY_FROM_STORAGE) === "token";
+  forgetKey();
   showConnection("key", "admin key required");
+  $("read-only").hidden = true;
   $("key-form").hidden = false;
   const message = $("key-error");
   message.hidden = !hadKey;
-  message.textContent = hadKey ? "That key was refused." : "";
+  message.textContent = !hadKey ? ""
+    : fromToken ? "This daemon takes one of its admin keys, not the local admin token."
+    : "That key was refused.";
   $("key-input").focus();
+}
+
+function forgetKey() {
+  sessionStorage.removeItem(KEY_STORAGE);
+  sessionStorage.removeItem(KEY_FROM_STORAGE);
+}
+
+// The daemon says whether this page is admin; a credential it no longer takes is dropped.
+function setAccess(admin) {
+  if (admin) {
+    page.tokenChanged = false;
+  } else if (sessionStorage.getItem(KEY_STORAGE) !== null) {
+    if (sessionStorage.getItem(KEY_FROM_STORAGE) === "token") page.tokenChanged = true;
+    forgetKey();
+  }
+  page.admin = admin;
+  document.body.dataset.access = admin ? "admin" : "read-only";
+  $("read-only").hidden = admin;
+  $("read-only-how").hidden = page.tokenChanged;
+  $("read-only-changed").hidden = !page.tokenChanged;
+  if (!admin) closeLogs();
 }
 
 function onKeySubmit(event) {
@@ -155,6 +225,7 @@ function onKeySubmit(event) {
   const key = $("key-input").value.trim();
   if (!key) return;
   sessionStorage.setItem(KEY_STORAGE, key);
+  sessionStorage.setItem(KEY_FROM_STORAGE, "key");
   $("key-input").value = "";
   $("key-form").hidden = true;
   connect();
@@ -166,6 +237,7 @@ function applyStatus(status) {
   page.models = Object.assign({}, status.models);
   page.users = Object.assign({}, status.users);
   $("daemon").textContent = "v" + status.version + " · pid " + status.pid;
+  setAccess(status.admin !== false);
   renderModels();
   renderUsers();
 }
@@ -301,6 +373,7 @@ function notice(text, kind) {
 }
 
 async function act(button, name, action) {
+  if (!page.admin) return;
   button.disabled = true;
   try {
     const response = await request(
@@ -315,7 +388,7 @@ async function act(button, name, action) {
       notice(name + ": " + (await errorText(response)), "error");
     }
   } catch (error) {
-    if (error instanceof KeyRequired) askForKey();
+    if (error instanceof KeyRequired) reconnect();
     else notice(name + ": " + error.message, "error");
   } finally {
     button.disabled = false;
@@ -423,12 +496,16 @@ async function readLogs() {
       if (atBottom) view.scrollTop = view.scrollHeight;
     }
   } catch (error) {
-    if (error instanceof KeyRequired) askForKey();
+    if (error instanceof KeyRequired) {
+      closeLogs();
+      reconnect();
+    }
   }
   if (page.logsModel === name) page.logsTimer = setTimeout(readLogs, LOGS_EVERY);
 }
 
 function openLogs(name) {
+  if (!page.admin) return;
   closeLogs();
   page.logsModel = name;
   $("logs-model").textContent = name;
@@ -448,6 +525,8 @@ function closeLogs() {
 document.addEventListener("DOMContentLoaded", () => {
   $("key-form").addEventListener("submit", onKeySubmit);
   $("logs-close").addEventListener("click", closeLogs);
+  // `trioserve ui`'s URL pasted into this tab changes only the fragment: no new page load.
+  window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) reconnect(); });
   // Uptimes and "last used" move with the clock between two samples.
   setInterval(renderModels, 1000);
   connect();
