@@ -13,6 +13,7 @@ from . import (
     client_cmds,
     config_cmd,
     daemon_cmds,
+    mcp_cmd,
     reload_cmd,
     status_cmd,
     ui_cmd,
@@ -58,6 +59,7 @@ client_cmds.register(app)
 reload_cmd.register(app)
 users_cmd.register(app)
 ui_cmd.register(app)
+mcp_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 
 

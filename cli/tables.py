@@ -98,17 +98,7 @@ _USER_COLUMNS = (
 def users_table(status: Mapping[str, Any]) -> Table:
     """The users of an ``/admin/status`` answer: in flight and queued now (over all models),
     requests and tokens since the daemon started."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("USER", no_wrap=True)
-    for column, _ in _USER_COLUMNS:
-        table.add_column(column, justify="right", no_wrap=True)
-    users: Mapping[str, Mapping[str, Any]] = status.get("users") or {}
-    # By name, everyone without a user's key last ("anonymous" is no configured user's name).
-    for name in sorted(users, key=lambda name: (name == _ANONYMOUS, name)):
-        # Text, not a str: a configured name is never read as rich markup.
-        row = (_cell(users[name].get(key)) for _, key in _USER_COLUMNS)
-        table.add_row(Text(name), *row)
-    return table
+    return _per_user(status.get("users") or {}, _USER_COLUMNS)
 
 
 # The columns of `usage_table` and the keys of an ``/admin/usage`` user entry they show.
@@ -121,13 +111,21 @@ _USAGE_COLUMNS = (
 
 def usage_table(usage: Mapping[str, Any]) -> Table:
     """The per-user totals of an ``/admin/usage`` answer (over its ``since`` .. ``until``)."""
+    return _per_user(usage.get("users") or {}, _USAGE_COLUMNS)
+
+
+def _per_user(
+    users: Mapping[str, Mapping[str, Any]], columns: tuple[tuple[str, str], ...]
+) -> Table:
+    """A row per user with ``columns`` (header, key), numbers right-aligned."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("USER", no_wrap=True)
-    for column, _ in _USAGE_COLUMNS:
+    for column, _ in columns:
         table.add_column(column, justify="right", no_wrap=True)
-    users: Mapping[str, Mapping[str, Any]] = usage.get("users") or {}
+    # By name, everyone without a user's key last ("anonymous" is no configured user's name).
     for name in sorted(users, key=lambda name: (name == _ANONYMOUS, name)):
-        row = (_cell(users[name].get(key)) for _, key in _USAGE_COLUMNS)
+        # Text, not a str: a configured name is never read as rich markup.
+        row = (_cell(users[name].get(key)) for _, key in columns)
         table.add_row(Text(name), *row)
     return table
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,3 +82,13 @@ def test_server_and_supervisor_settings_are_sections() -> None:
     )
     assert set(plan.sections) == {"server", "supervisor"}
     assert plan.as_dict()["sections"] == list(plan.sections)
+
+
+def test_turning_the_mcp_endpoint_on_or_off_needs_a_restart(tmp_path: Path) -> None:
+    old = parse_config({"server": {"state_dir": str(tmp_path)}})
+    new = parse_config({"server": {"state_dir": str(tmp_path)}, "mcp": {"enabled": False}})
+    plan = plan_reload(old, new)
+    assert plan.refused == "mcp.enabled changed: that needs a restart"
+    # The session limits are live.
+    tuned = parse_config({"server": {"state_dir": str(tmp_path)}, "mcp": {"max_sessions": 3}})
+    assert plan_reload(old, tuned).refused is None

@@ -33,6 +33,7 @@ __all__ = [
     "PLACEHOLDERS",
     "RESERVED_USER_NAME",
     "Config",
+    "McpConfig",
     "ModelConfig",
     "ServerConfig",
     "SupervisorConfig",
@@ -197,11 +198,21 @@ class UserConfig(_Section):
         )
 
 
+class McpConfig(_Section):
+    # The MCP endpoint /mcp (Streamable HTTP).
+    enabled: bool = True
+    # Open sessions at most; beyond it a new one gets 503 with Retry-After.
+    max_sessions: int = Field(256, ge=1)
+    # s: a session with no request and no open stream for this long is closed.
+    session_idle_timeout: _Float = Field(3600, gt=0)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)  # type: ignore[arg-type]
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
+    mcp: McpConfig = Field(default_factory=McpConfig)  # type: ignore[arg-type]
     # Where the file came from; not a TOML key.
     _source: str = PrivateAttr(default="<memory>")
 

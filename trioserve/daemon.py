@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -46,6 +46,9 @@ from trioserve.supervision.events import EventBus
 from trioserve.supervision.supervisor import Supervisor
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from trioserve.mcp import McpEndpoint
 
 __all__ = ["DaemonError", "DaemonInfo", "run_daemon"]
 
@@ -322,6 +325,11 @@ async def _serve(
             reloader = Reloader(config, live.apply, notifier)
             stream_ends = StreamEnds()
             access = AdminAccess(await _admin_token(config))
+            relay = Relay(config, supervisor, pool, metrics, usage)
+            mcp = await _start_mcp(core, config, relay, supervisor, access)
+            if mcp is not None:
+                metrics.watch_mcp(mcp.counts)
+                live.configured.append(mcp)
             admin = build_admin_app(
                 AdminContext(
                     access,
@@ -335,14 +343,16 @@ async def _serve(
                     started_at=owned.row.started_at,
                     version=__version__,
                     pid=owned.row.pid,
+                    mcp_counts=mcp.counts if mcp is not None else None,
                 )
             )
-            relay = Relay(config, supervisor, pool, metrics, usage)
-            gateway = Gateway(config, relay, admin)
+            gateway = Gateway(config, relay, admin, mcp)
             live.configured += [relay, gateway]
             await control.phase("listen")
             served = trio.Event()
-            url = await _listen(core, owned, gateway, hyper, control, served)
+            url = await _listen(
+                core, owned, gateway, hyper, control, served, mcp.stop if mcp else None
+            )
             control.listening()
             if control.on_ready is not None:
                 # Everything the daemon keeps for its lifetime now exists: modules, apps,
@@ -358,6 +368,20 @@ async def _serve(
             await control.stop_requested.wait()
             await _shut_down(reloader, stream_ends, notifier, served, config)
             core.cancel_scope.cancel()
+
+
+async def _start_mcp(
+    core: trio.Nursery, config: Config, relay: Relay, supervisor: Supervisor, access: AdminAccess
+) -> McpEndpoint | None:
+    """The MCP endpoint, running, when ``[mcp] enabled``; None otherwise (then the SDK, ~0.5 s
+    of imports, is not even loaded, and /mcp answers 404)."""
+    if not config.mcp.enabled:
+        return None
+    from trioserve.mcp import McpEndpoint
+
+    mcp = McpEndpoint(config, relay, supervisor, access)
+    await core.start(mcp.run)
+    return mcp
 
 
 async def _admin_token(config: Config) -> str:
@@ -377,6 +401,7 @@ async def _listen(
     hyper: Any,
     control: DaemonControl,
     served: trio.Event,
+    on_drained: Callable[[], None] | None,
 ) -> str:
     """Start Hypercorn; returns the bound URL, recorded in the store. ``served`` is set once
     the server has stopped."""
@@ -409,6 +434,7 @@ async def _listen(
                 admin_socket=owned.config.admin_socket_path,
                 admin_group=owned.config.server.admin_group,
                 health_port=owned.config.server.health_port,
+                on_drained=on_drained,
                 task_status=task_status,
             )
         finally:

@@ -85,11 +85,18 @@ class ReloadPlan:
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """Compare ``old`` (running) with ``new`` (just read and validated)."""
-    moved = [key for key in RESTART_ONLY if getattr(old.server, key) != getattr(new.server, key)]
-    if old.state_dir != new.state_dir and "state_dir" not in moved:
-        moved.append("state_dir")
+    moved = [
+        f"server.{key}"
+        for key in RESTART_ONLY
+        if getattr(old.server, key) != getattr(new.server, key)
+    ]
+    if old.state_dir != new.state_dir and "server.state_dir" not in moved:
+        moved.append("server.state_dir")
+    # The MCP endpoint's session manager is made (or not) once, at start.
+    if old.mcp.enabled != new.mcp.enabled:
+        moved.append("mcp.enabled")
     if moved:
-        keys = ", ".join(f"server.{key}" for key in moved)
+        keys = ", ".join(moved)
         return ReloadPlan(refused=f"{keys} changed: that needs a restart")
     added = tuple(name for name in new.models if name not in old.models)
     removed = tuple(name for name in old.models if name not in new.models)

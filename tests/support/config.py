@@ -136,8 +136,9 @@ def _sections(
     models: dict[str, dict[str, Any]] | None,
     server: dict[str, Any] | None,
     supervisor: dict[str, Any] | None,
+    mcp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    sections: dict[str, Any] = {
         "server": {
             "host": "127.0.0.1",
             "port": port,
@@ -152,6 +153,15 @@ def _sections(
         },
         "models": models if models is not None else {"echo": {"cmd": echo_cmd()}},
     }
+    if mcp is not None:
+        sections["mcp"] = mcp
+    return sections
+
+
+# A daemon subprocess of a test that is not about MCP leaves the endpoint off: it spares the
+# SDK's import (~0.6 s of CPU) at each start, and a suite starts many. A daemon in the test's
+# own process keeps the default (the import is done once per worker).
+NO_MCP = {"enabled": False}
 
 
 def make_config(
@@ -218,11 +228,12 @@ def daemon_config(
     *,
     server: dict[str, Any] | None = None,
     supervisor: dict[str, Any] | None = None,
+    mcp: dict[str, Any] | None = NO_MCP,
 ) -> tuple[Path, str]:
     """``make_config``'s config as a TOML file, for a daemon subprocess on a free loopback
     port; returns (path, url)."""
     port = free_port()
-    write_config(path, state_dir, port, models, server=server, supervisor=supervisor)
+    write_config(path, state_dir, port, models, server=server, supervisor=supervisor, mcp=mcp)
     return path, f"http://127.0.0.1:{port}"
 
 
@@ -234,7 +245,8 @@ def write_config(
     *,
     server: dict[str, Any] | None = None,
     supervisor: dict[str, Any] | None = None,
+    mcp: dict[str, Any] | None = NO_MCP,
 ) -> Path:
     """``make_config``'s config as a TOML file for a daemon on ``port``; a file rewritten in
     place keeps its models' ports with ``supervisor={"port_range": ...}``."""
-    return write_toml(path, _sections(state_dir, port, models, server, supervisor))
+    return write_toml(path, _sections(state_dir, port, models, server, supervisor, mcp))

@@ -6,6 +6,7 @@ Its config is ``reloader.config``, read per request: a reload is in force for th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ class AdminContext:
     started_at: float
     version: str
     pid: int
+    # The MCP endpoint's {"sessions", "calls_in_flight"}, when it runs ([mcp] enabled).
+    mcp_counts: Callable[[], dict[str, int]] | None = None
 
 
 def error_response(error: TrioserveError) -> Response:

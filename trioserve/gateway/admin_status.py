@@ -43,6 +43,11 @@ def status_routes(ctx: AdminContext) -> Blueprint:
                 name: {**model.as_dict(), "queued_by_user": _queued_by_user(supervisor, name)}
                 for name, model in supervisor.status().items()
             },
+            "mcp": (
+                ctx.mcp_counts()
+                if ctx.mcp_counts is not None
+                else {"sessions": 0, "calls_in_flight": 0}
+            ),
         }
 
     @routes.post("/admin/reload")

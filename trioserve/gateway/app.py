@@ -1,4 +1,5 @@
-"""The ASGI entry point: ``/health`` and the relay paths are answered here directly; everything
+"""The ASGI entry point: ``/health`` and the relay paths are answered here directly, ``/mcp``
+goes to the MCP endpoint (injected: the gateway does not import ``trioserve.mcp``); everything
 else goes to the Quart-Trio admin app.
 
 ``/health`` is answered before any routing, auth or framework work: it awaits nothing but its
@@ -12,6 +13,7 @@ from typing import Any
 import trio
 
 from trioserve.config import Config
+from trioserve.errors import InvalidRequest
 from trioserve.gateway.asgi import Message, Receive, Scope, Send, send_error
 from trioserve.gateway.browser_guard import BrowserGuard
 from trioserve.gateway.relay import Relay, RelayPaths
@@ -26,12 +28,17 @@ _HEALTH_HEADERS = [
 # trioserve.server.listener.HEALTH_STATE_KEY: where the server puts its ``Liveness`` (the
 # answer while the daemon drains or its loop stalled) in each request's ``scope["state"]``.
 _HEALTH_STATE_KEY = "trioserve.liveness"
+MCP_PATH = "/mcp"
 
 
 class Gateway:
-    def __init__(self, config: Config, relay: Relay, admin_app: Any) -> None:
+    def __init__(
+        self, config: Config, relay: Relay, admin_app: Any, mcp_app: Any | None = None
+    ) -> None:
         self.relay = relay
         self.admin_app = admin_app
+        # The ASGI app of /mcp (trioserve.mcp.McpEndpoint), or None: /mcp is then not found.
+        self.mcp_app = mcp_app
         self.config = config
 
     @property
@@ -60,9 +67,20 @@ class Gateway:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
-            refused = self.browser_guard.check(scope["method"], scope["headers"])
+            is_mcp = path == MCP_PATH
+            refused = self.browser_guard.check(
+                scope["method"], scope["headers"], origin_always=is_mcp
+            )
             if refused is not None:
                 await send_error(send, refused)
+                return
+            if is_mcp:
+                if self.mcp_app is None:
+                    await send_error(
+                        send, InvalidRequest("/mcp is off ([mcp] enabled = false)", status=404)
+                    )
+                    return
+                await self.mcp_app(scope, receive, send)
                 return
             if path in RelayPaths and scope["method"] == "POST":
                 # The relay checks the key (and learns whose it is) before reading the body.

@@ -86,8 +86,12 @@ class BrowserGuard:
                 self._verdicts[host] = verdict
         return verdict
 
-    def check(self, method: str, headers: Iterable[tuple[bytes, bytes]]) -> Forbidden | None:
-        """Why this request must not be served, or None."""
+    def check(
+        self, method: str, headers: Iterable[tuple[bytes, bytes]], *, origin_always: bool = False
+    ) -> Forbidden | None:
+        """Why this request must not be served, or None. ``origin_always``: a foreign
+        ``Origin`` is refused on reads too (``/mcp``: the MCP spec asks every request's Origin
+        to be checked, and its GET stream carries the server's notifications)."""
         host = origin = fetch_site = content_type = None
         for key, value in headers:
             if key == b"host":
@@ -104,6 +108,8 @@ class BrowserGuard:
                 f"Host {shown!r} is not one of this daemon's names; add it to "
                 "[server] allowed_hosts if it is yours"
             )
+        if origin_always and origin is not None and not _same_origin(bytes(origin), host):
+            return Forbidden("cross-origin requests are refused")
         if method in SAFE_METHODS or (origin is None and fetch_site is None):
             return None
         if fetch_site is not None and bytes(fetch_site) not in _OWN_SITE:

@@ -43,6 +43,24 @@ class _ModelCollector(Collector):
         yield state
 
 
+class _McpCollector(Collector):
+    """The MCP endpoint's gauges, read from it at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._counts()
+        yield GaugeMetricFamily(
+            "trioserve_mcp_sessions", "Open MCP sessions", value=counts["sessions"]
+        )
+        yield GaugeMetricFamily(
+            "trioserve_mcp_calls_in_flight",
+            "MCP tool calls running now",
+            value=counts["calls_in_flight"],
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry(auto_describe=True)
@@ -81,6 +99,10 @@ class Metrics:
 
     def watch_models(self, status: Callable[[], Mapping[str, ModelStatus]]) -> None:
         self.registry.register(_ModelCollector(status))
+
+    def watch_mcp(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """``counts()``: ``{"sessions", "calls_in_flight"}`` of the MCP endpoint."""
+        self.registry.register(_McpCollector(counts))
 
     def finished(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()

@@ -44,7 +44,7 @@ from trioserve.gateway.usage import (
     usage_of,
 )
 from trioserve.sharing.budgets import UserBudget, ratelimit_headers
-from trioserve.sharing.identity import identify, keys_required
+from trioserve.sharing.identity import User, identify, keys_required
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import ManagedModel
 from trioserve.supervision.supervisor import Supervisor
@@ -52,10 +52,15 @@ from trioserve.supervision.supervisor import Supervisor
 if TYPE_CHECKING:
     from trioserve.supervision.model import Endpoint
 
-__all__ = ["BODY_READ_TIMEOUT", "Relay", "RelayPaths"]
+__all__ = ["BODY_READ_TIMEOUT", "IN_PROCESS_USER_KEY", "Relay", "RelayPaths"]
 
 RelayPaths = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
+# Where an in-process caller (trioserve.mcp) puts the ``User`` a request is made as, in
+# ``scope["state"]``: MCP decided it from the /mcp request's key (or admin: the user "admin",
+# which has no /v1 key). Only code in this process can set a scope's state; the server never
+# puts this key there for a connection.
+IN_PROCESS_USER_KEY = "trioserve.in_process_user"
 # A client that trickles its body (slowloris) is cut off after this long.
 BODY_READ_TIMEOUT = 30.0
 
@@ -121,8 +126,11 @@ class Relay:
         """The body, the model it names, then the upstream side while the client is there."""
         server = self.config.server
         # The key first, before any byte of the body is read: 401 whatever the body holds.
-        request.user = identify(
-            self.config, presented_key(request.scope), None, _client_host(request)
+        trusted = (request.scope.get("state") or {}).get(IN_PROCESS_USER_KEY)
+        request.user = (
+            trusted
+            if isinstance(trusted, User)
+            else identify(self.config, presented_key(request.scope), None, _client_host(request))
         )
         # Budgets next, still before the body: a user over budget costs no body read. (Only
         # a configured user's key gives a user budgets, and the body's `user` never names one.)
@@ -139,7 +147,7 @@ class Relay:
         model = self.supervisor.resolve(name)
         request.model = model.name
         request.streaming = data.get("stream") is True
-        if not keys_required(self.config) and data.get("user"):
+        if not keys_required(self.config) and data.get("user") and trusted is None:
             # No key identifies users (none are configured): the body's `user` does.
             request.user = identify(self.config, None, data["user"], _client_host(request))
         kind = ASSEMBLED_PATHS.get(request.scope["path"])

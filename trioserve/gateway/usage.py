@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from trioserve.config import UserConfig
+from trioserve.config import ADMIN_USER_NAME, UserConfig
 from trioserve.host.store import UsageRow
 from trioserve.sharing.budgets import HOUR, Budgets
 from trioserve.sharing.identity import ANONYMOUS_NAME, User
@@ -84,6 +84,8 @@ class UsageBook:
         budget windows are kept aside, ``Budgets.set_users``), a changed budget applies from
         the next request. No I/O: a reload's apply calls it."""
         names = [*users, ANONYMOUS_NAME]
+        if ADMIN_USER_NAME in self.totals:
+            names.append(ADMIN_USER_NAME)  # shown once an admin session made a model call
         self.totals = {name: self.totals.get(name, UserTotals()) for name in names}
         self.budgets.set_users(users, time.time())
 
@@ -119,7 +121,10 @@ class UsageBook:
     def finished(self, user: User, model: str, status: int, usage: tuple[int, int] | None) -> None:
         name = user.name
         totals = self.totals.get(name)
-        if totals is None:  # a user removed by a reload while its request ran
+        if totals is None and name == ADMIN_USER_NAME:
+            # The reserved name of model calls made in an admin MCP session.
+            totals = self.totals[name] = UserTotals()
+        elif totals is None:  # a user removed by a reload while its request ran
             totals = self.totals[ANONYMOUS_NAME]
         totals.requests += 1
         self._requests.labels(name, model, str(status)).inc()

@@ -96,6 +96,9 @@ DRAIN_SHARE = 0.5
 # The requests that keep the drain going: the relay's. An operator's long-lived admin stream
 # (``/admin/events``, a status page) is no sign that a balancer still sends work.
 DRAIN_PATH_PREFIX = "/v1/"
+# MCP's tool calls are POSTs to /mcp: drained as the relay's requests are (its GET streams
+# never end by themselves, so they are not counted; ``on_drained`` ends them).
+DRAIN_MCP_PATH = "/mcp"
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +280,10 @@ class Drain:
         self._idle: trio.Event | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(DRAIN_PATH_PREFIX):
+        if scope["type"] != "http" or not (
+            scope["path"].startswith(DRAIN_PATH_PREFIX)
+            or (scope["path"] == DRAIN_MCP_PATH and scope["method"] == "POST")
+        ):
             await self.app(scope, receive, send)
             return
         self.in_flight += 1
@@ -365,6 +371,7 @@ async def serve(
     admin_socket: Path | None = None,
     admin_group: str = "",
     health_port: int = 0,
+    on_drained: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A fork of ``hypercorn.trio.serve`` and ``worker_serve`` (see ``UPSTREAM_FINGERPRINTS``).
@@ -378,7 +385,9 @@ async def serve(
     around the listening socket; no accept-time ``/health`` there: ``listener.py`` says why).
     Ours besides: the admin socket at ``admin_socket`` (its connections marked admin, with
     their peer's credentials) and the health port (``sockets.py``), both opened with the main
-    port's listeners (``listening.py``) and closed with them, the admin socket's file removed.
+    port's listeners (``listening.py``) and closed with them, the admin socket's file removed;
+    ``on_drained``, called when the drain ends and before Hypercorn waits for the connections
+    (the MCP endpoint ends its sessions there, whose GET streams would hold the stop).
     The rest is Hypercorn's own: lifespan, and on shutdown no new connections, then the rest
     of ``graceful_timeout`` for the ones in flight.
 
@@ -408,6 +417,8 @@ async def serve(
             if limit.cancelled_caught
             else "no request in flight",
         )
+        if on_drained is not None:
+            on_drained()
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
