@@ -41,7 +41,7 @@ typecheck: $(VENV)/.installed-dev
 # 5, e.g. a -k matching tests of one run only) is reported; it fails `make` only when the other
 # run selected nothing either.
 pytest: $(VENV)/.installed-dev
-	@$(BIN)/pytest --skip-quiet $(PYTEST_ARGS) -n $${PYTEST_WORKERS:-4} --dist worksteal; \
+	@$(BIN)/pytest --skip-quiet --durations=12 $(PYTEST_ARGS) -n $${PYTEST_WORKERS:-4} --dist worksteal; \
 	parallel=$$?; \
 	if [ $$parallel -eq 2 ]; then exit 2; fi; \
 	$(BIN)/pytest --only-quiet $(PYTEST_ARGS) -n 0; \

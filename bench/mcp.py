@@ -10,9 +10,13 @@ Figures:
 - ``ping`` p50 / p99 idle, and while 16 ``chat`` calls generate (goal p99 <= 10 ms, and <= 2x
   idle);
 - 50 concurrent ``chat`` calls of ``--call-seconds`` each to ``slow``: wall time (goal <= 1.05x
-  one call);
+  one call), with the SDK's client and with a raw HTTP one (the SDK client's own CPU for the
+  50 calls is about the daemon's, and it runs in this one process);
 - a ``chat`` call's added latency over the same request on ``/v1/chat/completions`` (one
-  token, ``tiny``; p50 of the difference, alternating; goal <= 3 ms);
+  token, ``tiny``; p50s compared, the kinds interleaved; goal <= 3 ms), with the SDK's client
+  and with a raw HTTP one: the SDK's client closes the connection after each answer's
+  result event (before the end of its SSE body), so each of its calls also opens a TCP
+  connection; the raw one reads the answer to its end and keeps the connection;
 - a cancelled call (``notifications/cancelled``, sent by the SDK when the call's scope is
   cancelled): from the cancel to the echo backend counting the generation cancelled (``/stats``
   polled every 2 ms: an upper bound);
@@ -146,6 +150,17 @@ class RawPinger:
         ready = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         (await self.http.post("/mcp", json=ready, headers=self.headers)).raise_for_status()
 
+    async def call_tool(self, request_id: int, name: str, arguments: dict[str, Any]) -> None:
+        """A ``tools/call``, its SSE answer read to its end (the connection is kept)."""
+        body = {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": "tools/call",
+            "params": {"name": name, "arguments": arguments},
+        }
+        answer = await self.http.post("/mcp", json=body, headers=self.headers)
+        assert '"result"' in answer.text and '"isError":false' in answer.text, answer.text
+
     async def pings(self, rounds: int) -> list[float]:
         samples = []
         for i in range(rounds):
@@ -244,30 +259,63 @@ async def concurrent_calls(url: str, pid: int, calls: int, call_seconds: float) 
     }
 
 
+async def concurrent_raw_calls(url: str, pid: int, calls: int, one: float) -> dict[str, float]:
+    """As ``concurrent_calls`` with the raw HTTP client (one session per call, each on its own
+    keep-alive connection): what the daemon takes, without the SDK client's own CPU."""
+    limits = httpx.Limits(max_connections=2 * calls, max_keepalive_connections=2 * calls)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60, limits=limits) as http:
+        callers = [RawPinger(http) for _ in range(calls)]
+        for caller in callers:
+            await caller.open()
+        done_at: list[float] = []
+
+        async def call(caller: RawPinger) -> None:
+            await caller.call_tool(1, "chat", {"model": "slow", "prompt": "x"})
+            done_at.append(time.perf_counter())
+
+        start = time.perf_counter()
+        daemon_cpu, client_cpu = _cpu_s(pid), time.process_time()
+        async with trio.open_nursery() as nursery:
+            for caller in callers:
+                nursery.start_soon(call, caller)
+    wall = max(done_at) - start
+    return {
+        "wall_s": wall,
+        "ratio": wall / one,
+        "daemon_cpu_s": _cpu_s(pid) - daemon_cpu,
+        "client_cpu_s": time.process_time() - client_cpu,
+    }
+
+
 async def added_latency(url: str, rounds: int) -> dict[str, float]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    mcp_times: list[float] = []
-    v1_times: list[float] = []
+    arguments = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    times: dict[str, list[float]] = {"v1": [], "mcp": [], "raw": []}
     async with (
         mcp_session(url) as session,
         httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
     ):
+        raw = RawPinger(http)
+        await raw.open()
+        kinds = ("v1", "mcp", "raw")
         for i in range(rounds):
-            order = ("mcp", "v1") if i % 2 else ("v1", "mcp")
-            for kind in order:
+            # Each kind takes each place in the round in turn.
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:
                 start = time.perf_counter()
                 if kind == "mcp":
-                    await session.call_tool(
-                        "chat", {"model": "tiny", "prompt": "hi", "max_tokens": 1}
-                    )
-                    mcp_times.append(time.perf_counter() - start)
+                    await session.call_tool("chat", arguments)
+                elif kind == "raw":
+                    await raw.call_tool(i + 1, "chat", arguments)
                 else:
                     (await http.post("/v1/chat/completions", json=body)).raise_for_status()
-                    v1_times.append(time.perf_counter() - start)
+                times[kind].append(time.perf_counter() - start)
+    v1 = _ms(times["v1"], 0.5)
     return {
-        "v1_p50_ms": _ms(v1_times, 0.5),
-        "mcp_p50_ms": _ms(mcp_times, 0.5),
-        "added_p50_ms": _ms(mcp_times, 0.5) - _ms(v1_times, 0.5),
+        "v1_p50_ms": v1,
+        "mcp_p50_ms": _ms(times["mcp"], 0.5),
+        "added_p50_ms": _ms(times["mcp"], 0.5) - v1,
+        "raw_mcp_p50_ms": _ms(times["raw"], 0.5),
+        "raw_added_p50_ms": _ms(times["raw"], 0.5) - v1,
     }
 
 
@@ -348,9 +396,12 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> dict[str, 
         for name in ("tiny", "slow", "stream"):
             c.post(f"/admin/models/{name}/load").raise_for_status()
         models = c.get("/admin/status").json()["models"]
+    ping = await ping_figures(url, args.rounds)
+    many = await concurrent_calls(url, pid, 50, args.call_seconds)
     return {
-        "ping": await ping_figures(url, args.rounds),
-        "concurrent_50": await concurrent_calls(url, pid, 50, args.call_seconds),
+        "ping": ping,
+        "concurrent_50": many,
+        "concurrent_50_raw": await concurrent_raw_calls(url, pid, 50, many["one_call_s"]),
         "added_latency": await added_latency(url, args.rounds),
         "cancel_to_upstream_abort": await cancel_to_abort(url, models["stream"]["port"], 10),
         "memory": await memory_per_session(url, pid, 200),
@@ -393,9 +444,15 @@ def main() -> None:
         f"({many['ratio']:.3f}x one call of {many['one_call_s']:.3f} s; errors {many['errors']}; "
         f"CPU daemon {many['daemon_cpu_s']:.2f} s, client {many['client_cpu_s']:.2f} s)"
     )
+    raw_many = result["concurrent_50_raw"]
     print(
-        f"chat added over /v1, p50   {added['added_p50_ms']:+.2f} ms "
-        f"(mcp {added['mcp_p50_ms']:.2f} ms, /v1 {added['v1_p50_ms']:.2f} ms)"
+        f"  the same, raw HTTP client {raw_many['wall_s']:.3f} s ({raw_many['ratio']:.3f}x; "
+        f"CPU daemon {raw_many['daemon_cpu_s']:.2f} s, client {raw_many['client_cpu_s']:.2f} s)"
+    )
+    print(
+        f"chat added over /v1, p50   {added['added_p50_ms']:+.2f} ms SDK client, "
+        f"{added['raw_added_p50_ms']:+.2f} ms raw HTTP (mcp {added['mcp_p50_ms']:.2f} ms, "
+        f"raw {added['raw_mcp_p50_ms']:.2f} ms, /v1 {added['v1_p50_ms']:.2f} ms)"
     )
     print(
         f"cancel -> upstream aborted {cancel['median_ms']:.1f} ms median, "

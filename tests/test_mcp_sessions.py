@@ -17,6 +17,7 @@ from tests.support.config import echo_cmd, echo_config, make_config, write_confi
 from tests.support.daemon import running_daemon
 from tests.support.mcp import mcp_session, with_mcp
 from tests.support.ports import free_port
+from tests.support.processes import trio_task_count
 from tests.support.status import load_model, wait_for_stats, wait_for_status
 from trioserve.config import load_config
 
@@ -75,9 +76,10 @@ async def test_beyond_max_sessions_503_with_retry_after(state_dir: Path) -> None
 
 async def test_mcp_off_answers_404(state_dir: Path) -> None:
     config = with_mcp(make_config(state_dir), enabled=False)
-    async with running_daemon(config) as (info, _):
+    async with running_daemon(config) as (info, client):
         status, _, _ = await _open_raw(info.url, None)
         assert status == 404
+        assert (await client.get("/admin/status")).json()["mcp"] is None
 
 
 async def test_a_foreign_origin_is_refused_on_get_too(state_dir: Path) -> None:
@@ -234,3 +236,40 @@ async def test_an_asyncio_client(state_dir: Path) -> None:
         text, is_error = await trio.to_thread.run_sync(_asyncio_client, info.url)
         assert not is_error and text
         assert anyio  # the SDK's client runs on anyio under either loop
+
+
+async def test_an_idle_session_expires_and_leaves_nothing(state_dir: Path) -> None:
+    """``[mcp] session_idle_timeout``: a session nobody uses is closed (its id then gets 404)
+    and its tasks are gone."""
+    config = with_mcp(make_config(state_dir), session_idle_timeout=0.5)
+    async with running_daemon(config) as (info, client):
+        # No keep-alive connection of the test's own among the tasks counted.
+        client.headers["connection"] = "close"
+        await client.get("/admin/status")
+        before = await _settled_task_count()
+        status, session_id, _ = await _open_raw(info.url, None)
+        assert status == 200 and session_id
+        with trio.fail_after(20):
+            while (await client.get("/admin/status")).json()["mcp"]["sessions"]:
+                # The expiry happens in the daemon's own time: its status is the event.
+                await trio.sleep(0.05)
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        headers = {**_ACCEPT, "mcp-session-id": session_id, "mcp-protocol-version": "2025-11-25"}
+        async with httpx.AsyncClient(headers={"connection": "close"}) as raw:
+            answer = await raw.post(info.url + "/mcp", headers=headers, json=ping)
+        assert answer.status_code == 404
+        assert await _settled_task_count(at_most=before) <= before
+
+
+async def _settled_task_count(at_most: int | None = None) -> int:
+    """This run's task count once connections just closed have ended (bounded): the count
+    reaches ``at_most``, or stops changing."""
+    count = trio_task_count()
+    with trio.move_on_after(5):
+        while True:
+            await trio.sleep(0.05)
+            now = trio_task_count()
+            if (at_most is not None and now <= at_most) or (at_most is None and now == count):
+                return now
+            count = now
+    return trio_task_count()

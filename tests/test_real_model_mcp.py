@@ -303,3 +303,24 @@ async def test_a_call_past_its_deadline_is_an_error_and_frees_the_slot(state_dir
     print(f"{report('deadline', runs)}; the isError result came {each} ms after the deadline")
     assert all(run.cancelled for run in runs), runs
     assert max(run.log_s for run in runs) < FREED_WITHIN, report("deadline", runs)
+
+
+async def test_models_and_embed_against_the_real_server(state_dir: Path) -> None:
+    """``models`` shows the real model's state; ``embed`` on a chat model (llama-server
+    started without ``--embeddings``) is an ``isError`` result carrying llama-server's own
+    message, not a protocol error."""
+    async with (
+        running_daemon(llama_config(state_dir), admin=True) as (info, client),
+        mcp_session(info.url) as session,
+    ):
+        await load_model(client, MODEL)
+        listed = await session.call_tool("models", {})
+        assert not listed.is_error, listed
+        assert listed.structured_content is not None
+        text = str(listed.structured_content)
+        assert MODEL in text and "ready" in text, text
+        embedded = await session.call_tool("embed", {"model": MODEL, "input": "a lighthouse"})
+        assert embedded.is_error, embedded
+        message = embedded.content[0].text  # type: ignore[union-attr]
+        # llama-server's words: it names what it lacks.
+        assert "embedding" in message.lower(), message

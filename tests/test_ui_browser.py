@@ -7,18 +7,21 @@ import http.server
 import re
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 from playwright.sync_api import Browser, Page, expect
 
 from tests.support.admin import admin_token
 from tests.support.browser import chromium
 from tests.support.cli import invoke
-from tests.support.config import daemon_config, echo_cmd, script_cmd
+from tests.support.config import NO_MCP, daemon_config, echo_cmd, script_cmd
 from tests.support.daemon import DaemonProcess
+from tests.support.mcp import mcp_session
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 ADMIN_KEY = "sk-admin-page"
@@ -34,7 +37,14 @@ class Daemon:
     """One daemon subprocess for a test, its config and a client for "another client" (an
     admin: the admin key when ``admin_keys`` is set, else the local admin token)."""
 
-    def __init__(self, tmp_path: Path, spawn: Callable[..., DaemonProcess], **server: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        spawn: Callable[..., DaemonProcess],
+        *,
+        mcp: bool = False,
+        **server: Any,
+    ) -> None:
         models = {
             "echo": {"cmd": echo_cmd("--token-delay", "0.05")},
             "broken": {"cmd": BROKEN},
@@ -46,6 +56,7 @@ class Daemon:
             models,
             server=server,
             supervisor={"max_start_failures": 1, "failure_cooldown": 60},
+            mcp={"enabled": True} if mcp else NO_MCP,
         )
         self._spawn = spawn
         self._keyed = bool(server.get("admin_keys"))
@@ -143,6 +154,7 @@ def test_table_at_load_shows_every_model(daemon: Daemon, watched: Watched) -> No
     expect(row(page, "broken").locator("td.state")).to_have_text("failed")
     expect(row(page, "broken").locator("td.last-error pre")).to_contain_text("out of memory")
     expect(page.locator('#users tr[data-user="anonymous"]')).to_have_count(1)
+    expect(page.locator("#mcp")).to_be_hidden()  # this daemon runs no MCP endpoint
     # The strict policy let the page's own files run: no violation, no error.
     assert watched.errors == []
 
@@ -351,6 +363,54 @@ def test_chart_draws_the_traffic(daemon: Daemon, watched: Watched) -> None:
     tokens = page.locator('.chart[data-model="echo"] polyline.series-tokens')
     expect(tokens).to_have_attribute("points", re.compile(r"\d"))
     assert line.get_attribute("points")
+
+
+@contextmanager
+def open_mcp_session(url: str) -> Iterator[None]:
+    """An MCP session (the SDK's client) open on ``url`` for the block, held by a thread of
+    its own running Trio (Playwright's sync API has this one)."""
+    opened, close = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    async def hold() -> None:
+        async with mcp_session(url):
+            opened.set()
+            await trio.to_thread.run_sync(close.wait)
+
+    def run() -> None:
+        try:
+            trio.run(hold)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            opened.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert opened.wait(30), "no MCP session within 30 s"
+        if failed:
+            raise failed[0]
+        yield
+    finally:
+        close.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def test_mcp_sessions_show_live(
+    tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess], watched: Watched
+) -> None:
+    daemon = Daemon(tmp_path, spawn_daemon, mcp=True)
+    page = open_page(watched, daemon)
+    line = page.locator("#mcp")
+    expect(line).to_have_text("MCP: 0 sessions, 0 calls in flight")
+    with open_mcp_session(daemon.url):
+        expect(line).to_have_text("MCP: 1 session, 0 calls in flight")
+        expect(line).to_have_attribute("data-sessions", "1")
+    expect(line).to_have_text("MCP: 0 sessions, 0 calls in flight")
+    assert watched.errors == []
 
 
 def test_readable_at_phone_width(daemon: Daemon, browser: Browser) -> None:

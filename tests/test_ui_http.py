@@ -9,13 +9,16 @@ import time
 from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import httpx
+import trio
 
 from tests.support.admin import admin_token
 from tests.support.config import daemon_config, make_config, write_config
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.http import assert_openai_error, chat, sse_lines
+from tests.support.mcp import mcp_session, with_mcp
 from tests.support.ports import free_port
 from tests.support.status import load_model
 from trioserve.config import load_config
@@ -228,6 +231,36 @@ async def test_activity_feed_sends_history_then_samples(state_dir: Path) -> None
         assert echo["state"] == "stopped"
         assert "tokens_per_s" in echo
         assert "anonymous" in sample["users"]  # type: ignore[operator]
+
+
+async def _sample_where(client: httpx.AsyncClient, check: Callable[[Any], bool]) -> Any:
+    """The first ``event: sample`` of /admin/activity that passes ``check`` (within 10 s)."""
+    with trio.fail_after(10):
+        async with (
+            client.stream("GET", "/admin/activity") as response,
+            aclosing(sse_lines(response)) as lines,
+        ):
+            name = ""
+            async for line in lines:
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif name == "sample" and line.startswith("data: "):
+                    sample = json.loads(line.removeprefix("data: "))
+                    if check(sample):
+                        return sample
+    raise AssertionError("the activity feed ended")
+
+
+async def test_activity_samples_carry_the_mcp_figures(state_dir: Path) -> None:
+    async with running_daemon(make_config(state_dir)) as (info, client):
+        async with mcp_session(info.url):
+            sample = await _sample_where(client, lambda s: s["mcp"]["sessions"] == 1)
+            assert sample["mcp"] == {"sessions": 1, "calls_in_flight": 0}
+        await _sample_where(client, lambda s: s["mcp"] == {"sessions": 0, "calls_in_flight": 0})
+    off = with_mcp(make_config(state_dir), enabled=False)
+    async with running_daemon(off) as (_, client):
+        sample = await _sample_where(client, lambda s: "mcp" in s)
+        assert sample["mcp"] is None
 
 
 async def test_allowed_hosts_follow_a_reload(state_dir: Path, tmp_path: Path) -> None:

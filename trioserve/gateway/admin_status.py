@@ -43,11 +43,8 @@ def status_routes(ctx: AdminContext) -> Blueprint:
                 name: {**model.as_dict(), "queued_by_user": _queued_by_user(supervisor, name)}
                 for name, model in supervisor.status().items()
             },
-            "mcp": (
-                ctx.mcp_counts()
-                if ctx.mcp_counts is not None
-                else {"sessions": 0, "calls_in_flight": 0}
-            ),
+            # null when [mcp] enabled = false: no endpoint, rather than one with nobody on it.
+            "mcp": ctx.mcp_counts() if ctx.mcp_counts is not None else None,
         }
 
     @routes.post("/admin/reload")

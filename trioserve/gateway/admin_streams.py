@@ -63,7 +63,8 @@ def stream_routes(ctx: AdminContext) -> Blueprint:
     @routes.get("/admin/activity")
     async def activity_feed() -> Response:
         """SSE for the status page: the whole history once, then each second the new sample
-        with every model's status and the per-user figures, so the page never polls."""
+        with every model's status, the per-user figures and the MCP endpoint's, so the page
+        never polls."""
 
         async def stream() -> AsyncIterator[bytes]:
             yield _sse("history", activity.snapshot())
@@ -78,7 +79,9 @@ def stream_routes(ctx: AdminContext) -> Blueprint:
                     for name, model in supervisor.status().items()
                 }
                 users = users_status(supervisor, usage)
-                sample = {"at": activity.last_at, "models": models, "users": users}
+                # The MCP endpoint's open sessions and calls in flight; null with it off.
+                mcp = ctx.mcp_counts() if ctx.mcp_counts is not None else None
+                sample = {"at": activity.last_at, "models": models, "users": users, "mcp": mcp}
                 yield _sse("sample", sample)
 
         response = Response(stream(), content_type="text/event-stream")

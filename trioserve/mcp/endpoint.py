@@ -73,6 +73,12 @@ class McpEndpoint:
         self.server = _quiet_server(self.sessions)
         register_tools(self.server, ToolDeps(relay, supervisor, self.sessions, self._live))
         register_resources(self.server, supervisor, self.sessions, self.counts, self._live)
+        # The SDK's OpenTelemetry middleware (first in the chain) makes a span per message:
+        # a no-op without an exporter, which the daemon never installs. Dropping it from the
+        # list is the SDK's documented opt-out (``Server.middleware``).
+        self.server.middleware[:] = [
+            m for m in self.server.middleware if type(m).__name__ != "OpenTelemetryMiddleware"
+        ]
         self.server.middleware.append(Views(self.sessions, self._live))
         self.manager = TrioserveSessionManager(
             self.sessions,

@@ -129,15 +129,22 @@ def register_tools(mcp: MCPServer[Any], deps: ToolDeps) -> None:
         choice = (answer.body.get("choices") or [{}])[0]
         content = (choice.get("message") or {}).get("content") or ""
         usage = answer.body.get("usage")
-        result = ChatResult(
-            model=str(answer.body.get("model") or model),
-            content=content,
-            finish_reason=choice.get("finish_reason"),
-            usage=Usage.model_validate(usage) if isinstance(usage, dict) else None,
-        )
+        # A ChatResult's JSON form, built as a dict: the SDK validates structured content
+        # against ChatResult (the output schema) anyway, so a model made here and dumped
+        # again would be the same work twice.
+        structured = {
+            "model": str(answer.body.get("model") or model),
+            "content": content,
+            "finish_reason": choice.get("finish_reason"),
+            "usage": (
+                Usage.model_validate(usage).model_dump(mode="json")
+                if isinstance(usage, dict)
+                else None
+            ),
+        }
         return CallToolResult(
             content=[TextContent(type="text", text=content)],
-            structured_content=result.model_dump(mode="json"),
+            structured_content=structured,
         )
 
     @mcp.tool(

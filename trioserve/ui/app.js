@@ -2,7 +2,8 @@
 //
 // Data flow: one read of /admin/status at load (and after each reconnect), then two streams —
 // /admin/events (lifecycle events: state changes show at once) and /admin/activity (the chart's
-// history, then one sample a second with every model's and user's figures). Streams are read
+// history, then one sample a second with every model's and user's figures, and the MCP
+// endpoint's: open sessions and calls in flight, null when [mcp] is off). Streams are read
 // with fetch, not EventSource, because EventSource cannot send the admin key as a header.
 //
 // Everything the daemon sends (model names, errors, log lines) is untrusted text: it reaches
@@ -32,6 +33,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const page = {
   models: {},       // name -> status object (contract fields + tokens_per_s)
   users: {},        // name -> per-user figures
+  mcp: null,        // {sessions, calls_in_flight}, or null: no MCP endpoint
   history: {},      // name -> {at: [], in_flight: [], queued: [], tokens_per_s: []}
   historyLength: 600,
   logsModel: null,
@@ -236,10 +238,12 @@ function onKeySubmit(event) {
 function applyStatus(status) {
   page.models = Object.assign({}, status.models);
   page.users = Object.assign({}, status.users);
+  page.mcp = status.mcp || null;
   $("daemon").textContent = "v" + status.version + " · pid " + status.pid;
   setAccess(status.admin !== false);
   renderModels();
   renderUsers();
+  renderMcp();
 }
 
 function onLifecycleEvent(name, event) {
@@ -257,6 +261,7 @@ function onActivity(name, data) {
   } else if (name === "sample") {
     page.models = data.models;
     page.users = data.users;
+    page.mcp = data.mcp || null;
     for (const [model, sample] of Object.entries(data.models)) {
       const series = page.history[model] ||
         (page.history[model] = {at: [], in_flight: [], queued: [], tokens_per_s: []});
@@ -273,6 +278,7 @@ function onActivity(name, data) {
     }
     renderModels();
     renderUsers();
+    renderMcp();
   }
   renderCharts();
 }
@@ -410,6 +416,20 @@ function renderUsers() {
     rows.push(row);
   }
   $("users").tBodies[0].replaceChildren(...rows);
+}
+
+// The MCP endpoint's figures, one line under the users ("MCP: 2 sessions, 1 call in flight");
+// hidden when the daemon runs no MCP endpoint.
+function renderMcp() {
+  const node = $("mcp");
+  const mcp = page.mcp;
+  node.hidden = !mcp;
+  if (!mcp) return;
+  const count = (n, one, many) => n + " " + (n === 1 ? one : many);
+  node.dataset.sessions = mcp.sessions;
+  node.dataset.callsInFlight = mcp.calls_in_flight;
+  setText(node, "MCP: " + count(mcp.sessions, "session", "sessions") + ", " +
+    count(mcp.calls_in_flight, "call", "calls") + " in flight");
 }
 
 // -- activity charts ------------------------------------------------------------------------
