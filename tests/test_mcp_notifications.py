@@ -383,7 +383,10 @@ async def test_progress_while_a_call_waits_for_a_busy_slot(state_dir: Path) -> N
             # progress counted a token.
             stats = await wait_for_stats(port, "started", 1)
             assert stats["started"] == 1, stats
-            assert all(value == 0 for value, _, _ in reports), reports
+            # Waiting: below the first token, and rising with each message.
+            assert all(0 < value < 1 for value, _, _ in reports), reports
+            values = [value for value, _, _ in reports]
+            assert values == sorted(set(values)), reports
             assert any(message and "echo" in message for _, _, message in reports), reports
             nursery.cancel_scope.cancel()
         # Both cancels were handled before the session ends (its DELETE would race them).

@@ -3,6 +3,7 @@ tool, progress, the caller's identity, admin tools, errors as isError."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ from tests.support.admin import admin_token
 from tests.support.config import echo_config
 from tests.support.daemon import running_daemon
 from tests.support.mcp import mcp_session
+from trioserve.config import UserConfig
 
 
 async def test_chat_embed_and_models_against_echo(state_dir: Path) -> None:
@@ -25,7 +27,7 @@ async def test_chat_embed_and_models_against_echo(state_dir: Path) -> None:
             assert set(tools) == {"chat", "embed", "models"}
             chat = tools["chat"]
             assert chat.input_schema["properties"]["model"]["enum"] == ["echo", "e"]
-            assert chat.annotations is not None and chat.annotations.read_only_hint is True
+            assert chat.annotations is not None and chat.annotations.read_only_hint is False
             assert chat.output_schema is not None
             assert set(chat.output_schema["required"]) >= {"model", "content"}
             result = await session.call_tool("chat", {"model": "e", "prompt": "hello there"})
@@ -66,9 +68,12 @@ async def test_progress_while_generating(state_dir: Path) -> None:
         assert not result.is_error, result
         # While the model starts (on demand), then while it generates.
         assert any(
-            message and "echo" in message and value == 0 for value, _, message in received
+            message and "echo" in message and 0 < value < 1 for value, _, message in received
         ), received
-        generating = [p for p in received if p[0] > 0]
+        # Every notification's value larger than the one before (MCP's rule for progress).
+        values = [value for value, _, _ in received]
+        assert values == sorted(set(values)), received
+        generating = [p for p in received if p[0] >= 1]
         assert generating and all(total == 12 for _, total, _ in generating), received
         assert [v for v, _, _ in generating] == sorted(v for v, _, _ in generating)
 
@@ -174,3 +179,60 @@ async def test_a_2026_07_28_client_calls_chat(state_dir: Path) -> None:
         assert tools == {"chat", "embed", "models"}
         result = await client.call_tool("chat", {"model": "echo", "prompt": "hi"})
         assert not result.is_error, result
+
+
+async def test_open_admin_keeps_a_users_calls_its_own(state_dir: Path) -> None:
+    """With ``admin_over_tcp = "open"`` everyone is admin, but only an admin credential makes
+    calls count as ``admin``: alice's key keeps her calls hers (her budgets, her share)."""
+    config = echo_config(state_dir, server={"admin_over_tcp": "open"})
+    config = config.model_copy(
+        update={"users": {"alice": UserConfig(api_keys=["sk-alice"], max_requests_per_minute=1)}}
+    )
+    async with running_daemon(config, admin=True) as (info, client):
+        async with mcp_session(info.url, "sk-alice") as session:
+            tools = {tool.name for tool in (await session.list_tools()).tools}
+            assert "load_model" in tools  # admin, as the open mode says
+            said = await session.call_tool("chat", {"model": "echo", "prompt": "hi"})
+            assert not said.is_error, said
+            # Her budget applies: a second call in the minute is refused.
+            again = await session.call_tool("chat", {"model": "echo", "prompt": "hi"})
+            assert again.is_error, again
+        users = (await client.get("/admin/status")).json()["users"]
+        assert users["alice"]["requests"] == 1
+        assert "admin" not in users
+
+
+async def test_a_user_session_sees_no_more_of_a_model_than_a_user_should(
+    state_dir: Path,
+) -> None:
+    """A failed model's last error holds its process's last lines (they can hold prompt
+    text): a user session gets the first line, an admin session all of it, with pid and port."""
+    script = "import sys; print('secret prompt text'); sys.exit('load failed: out of memory')"
+    config = echo_config(state_dir)
+    config = config.model_copy(
+        update={
+            "models": {
+                **config.models,
+                "broken": config.models["echo"].model_copy(
+                    update={"cmd": ["{python}", "-c", script]}
+                ),
+            }
+        }
+    )
+    async with running_daemon(config, admin=True) as (info, client):
+        await client.post("/admin/models/broken/load")
+        async with (
+            mcp_session(info.url) as user,
+            mcp_session(info.url, admin_token(state_dir)) as admin,
+        ):
+            for session, whole in ((user, False), (admin, True)):
+                read = await session.read_resource("trioserve://status")
+                text = read.contents[0].text  # type: ignore[union-attr]
+                broken = json.loads(text)["models"]["broken"]
+                assert broken["state"] == "failed"
+                assert ("secret prompt text" in broken["last_error"]) is whole, broken
+                assert ("pid" in broken) is whole, broken
+            listed = await user.call_tool("models", {})
+            assert listed.structured_content is not None
+            shown = listed.structured_content["models"]["broken"]["last_error"]
+            assert "\n" not in shown and "secret prompt text" not in shown, shown

@@ -64,6 +64,17 @@ class AdminAccess:
             return True
         return self.token is not None and key_matches(key, [self.token])
 
+    def presents_admin_credential(self, scope: Scope, config: Config) -> bool:
+        """True when the request itself carries admin: the admin socket, an admin key, or the
+        local admin token (not ``admin_over_tcp = "open"``, which makes anyone admin): whose
+        calls may be counted as the reserved user ``admin`` rather than its own."""
+        if admin_peer(scope) is not None:
+            return True
+        key = presented_key(scope)
+        if config.server.admin_keys:
+            return key_matches(key, config.server.admin_keys)
+        return self.token is not None and key_matches(key, [self.token])
+
     def refusal(self, scope: Scope, config: Config) -> InvalidApiKey | None:
         """For a request under ``/admin/``: the error to answer, or None to let it through."""
         if self.is_admin(scope, config):

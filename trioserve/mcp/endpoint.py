@@ -28,9 +28,17 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from trioserve import __version__
 from trioserve.config import ADMIN_USER_NAME, Config
-from trioserve.errors import InvalidApiKey, InvalidRequest
+from trioserve.errors import InvalidApiKey, InvalidRequest, TrioserveError
 from trioserve.gateway.admin_access import AdminAccess
-from trioserve.gateway.asgi import Message, Receive, Scope, Send, presented_key, send_error
+from trioserve.gateway.asgi import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    presented_key,
+    send_error,
+    send_json,
+)
 from trioserve.gateway.relay import Relay
 from trioserve.mcp.context import CALLER, Caller
 from trioserve.mcp.gone import ClientGone
@@ -151,10 +159,27 @@ class McpEndpoint:
                 send, InvalidRequest("/mcp is off ([mcp] enabled = false)", status=404)
             )
             return
+        if self._cancel.cancel_called:
+            # Stopped at the end of the drain: the manager takes nothing more (a client's GET
+            # reconnecting on a keep-alive connection would meet a manager with no task group).
+            stopping = TrioserveError(
+                "trioserve is stopping: /mcp takes no new requests",
+                retry_after=RETRY_AFTER_S,
+                status=503,
+            )
+            await send_json(
+                send,
+                stopping.status,
+                stopping.body_bytes(),
+                [*stopping.headers()[1:], (b"connection", b"close")],
+            )
+            return
         key = presented_key(scope)
         admin = self.access.is_admin(scope, config)
         client = scope.get("client")
-        if admin:
+        if admin and self.access.presents_admin_credential(scope, config):
+            # The admin's own calls. Anyone made admin by admin_over_tcp = "open" stays the
+            # user its key says, with that user's budgets and share.
             user = ADMIN_USER
         else:
             try:

@@ -28,6 +28,9 @@ __all__ = ["Progress", "RelayAnswer", "call_relay"]
 
 # Progress while generating: at most this often (each chunk would flood a slow client).
 PROGRESS_EVERY = 0.2
+# While a call waits (its model starts, its slot is busy), each progress message adds this
+# much: the value must increase, and stays below the first generated token (1).
+WAITING_STEP = 0.001
 
 Progress = Callable[[float, float | None, str], Awaitable[None]]
 
@@ -80,6 +83,8 @@ class _Collector:
         self._tail = b""
         self._chunks = 0
         self._last_progress = -math.inf
+        self._waited = 0
+        self._sent = 0.0
         # Set once the call was cancelled: what the relay sends after that is not progress.
         self.gone: trio.Event | None = None
 
@@ -114,12 +119,20 @@ class _Collector:
         now = trio.current_time()
         if message is not None:
             self._last_progress = now
-            await self.progress(0, self.total, message)
+            # Progress must increase with each notification (MCP): while nothing is generated
+            # yet, each waiting message moves it by a sliver below the first token.
+            self._waited += 1
+            await self._send(min(self._waited * WAITING_STEP, 1 - WAITING_STEP), message)
         elif self._chunks and now - self._last_progress >= PROGRESS_EVERY:
             self._last_progress = now
-            await self.progress(
-                self._chunks, self.total, f"{self._chunks} tokens from {self.model}"
-            )
+            await self._send(self._chunks, f"{self._chunks} tokens from {self.model}")
+
+    async def _send(self, value: float, message: str) -> None:
+        assert self.progress is not None
+        if value <= self._sent:
+            return  # never a step back (a waiting message after the first token)
+        self._sent = value
+        await self.progress(value, self.total, message)
 
     def answer(self) -> RelayAnswer:
         if self.assembler is not None:

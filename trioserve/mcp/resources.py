@@ -26,7 +26,7 @@ from mcp_types import (
 
 from trioserve.config import Config
 from trioserve.errors import TrioserveError
-from trioserve.mcp.context import caller
+from trioserve.mcp.context import caller, model_view
 from trioserve.mcp.sessions import Sessions
 from trioserve.supervision.supervisor import Supervisor
 
@@ -54,7 +54,10 @@ def register_resources(
     async def status() -> str:
         return json.dumps(
             {
-                "models": {name: info.as_dict() for name, info in supervisor.status().items()},
+                "models": {
+                    name: model_view(info.as_dict(), admin=caller().admin)
+                    for name, info in supervisor.status().items()
+                },
                 "mcp": counts(),
             }
         )

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -90,10 +91,19 @@ class Sessions:
             await _quietly(sending)
 
 
+# A session whose client does not read its stream gets this long per notification: one slow
+# client must not hold every other session's notifications (and the model watch) behind it.
+NOTIFY_WITHIN = 1.0
+
+
 async def _quietly(sending: Any) -> None:
-    """A notification to one session: a session that is going away must not stop the rest."""
+    """A notification to one session: a session that is going away, or whose client does not
+    read, must not stop the rest."""
     try:
-        await sending
+        with trio.move_on_after(NOTIFY_WITHIN) as late:
+            await sending
+        if late.cancelled_caught:
+            log.debug("mcp notification dropped: the session's client is not reading")
     except Exception as exc:  # anyio's closed/broken stream errors, whatever the transport
         log.debug("mcp notification not delivered: %r", exc)
 

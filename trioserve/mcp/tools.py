@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from trioserve.config import Config
 from trioserve.errors import TrioserveError
 from trioserve.gateway.relay import Relay
-from trioserve.mcp.context import caller
+from trioserve.mcp.context import caller, model_view
 from trioserve.mcp.relay_call import call_relay
 from trioserve.mcp.sessions import Sessions
 from trioserve.supervision.supervisor import Supervisor
@@ -83,7 +83,8 @@ def register_tools(mcp: MCPServer[Any], deps: ToolDeps) -> None:
             "`prompt`; `system` is put first. The model is started on demand; progress is "
             "reported while it starts or waits and while it generates."
         ),
-        annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False),
+        # Not read-only: a call may start a model (stopping an idle one) and spends budget.
+        annotations=ToolAnnotations(read_only_hint=False, open_world_hint=False),
     )
     async def chat(
         ctx: Context,
@@ -149,7 +150,8 @@ def register_tools(mcp: MCPServer[Any], deps: ToolDeps) -> None:
 
     @mcp.tool(
         description="Embeddings of `input` (a text or a list of texts) by `model`.",
-        annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False),
+        # Not read-only either: a model may be started for it.
+        annotations=ToolAnnotations(read_only_hint=False, open_world_hint=False),
     )
     async def embed(
         model: Annotated[str, Field(description="A configured model name or alias")],
@@ -180,11 +182,7 @@ def register_tools(mcp: MCPServer[Any], deps: ToolDeps) -> None:
         listed = {
             name: {
                 "aliases": list(config.models[name].aliases) if name in config.models else [],
-                **{
-                    key: value
-                    for key, value in info.as_dict().items()
-                    if key in ("state", "in_flight", "queued", "last_error")
-                },
+                **model_view(info.as_dict(), admin=False),
             }
             for name, info in status.items()
         }

@@ -41,6 +41,7 @@ from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wra
 
 from trioserve.config import Config
 from trioserve.gateway.admin_access import ADMIN_PEER_KEY
+from trioserve.gateway.relay import IN_PROCESS_USER_KEY
 from trioserve.server.listener import HEALTH_STATE_KEY, Liveness, answer_on_health_port
 from trioserve.server.listening import Listening, open_listening
 from trioserve.server.sockets import ListenError, peer_of
@@ -424,10 +425,11 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         # As upstream, the lifespan's state as startup left it. The app's /health answers from
-        # the same Liveness. Only the admin socket's connections carry a peer: whatever the
-        # lifespan put in its state, these never do.
+        # the same Liveness. Only the admin socket's connections carry a peer, and only
+        # in-process callers a user: whatever the lifespan put in its state, these never do.
         state = ConnectionState({**lifespan_state, HEALTH_STATE_KEY: liveness})
         state.pop(ADMIN_PEER_KEY, None)
+        state.pop(IN_PROCESS_USER_KEY, None)
 
         async def admin_connection(stream: trio.SocketStream) -> None:
             try:
