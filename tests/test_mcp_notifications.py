@@ -314,6 +314,49 @@ async def test_a_stop_ends_open_sessions_and_leaves_nothing(
     assert stopped_after < grace, stopped_after
 
 
+async def test_a_stop_ends_a_2026_07_28_listen_stream(state_dir: Path) -> None:
+    """A 2026-07-28 client's ``subscriptions/listen`` is a POST whose answer never ends by
+    itself, handled in its HTTP request's own task: the drain must not wait for it, and the
+    end of the drain must end it, or it holds the stop for the whole ``shutdown_grace``."""
+    grace = 20.0
+    config = echo_config(state_dir, server={"shutdown_grace": grace})
+    check = LeakCheck()
+    release = trio.Event()
+    ended = trio.Event()
+    async with trio.open_nursery() as clients:
+        async with running_daemon(config) as (info, _):
+            check.instance = info.instance
+
+            async def listen(task_status: trio.TaskStatus[None]) -> None:
+                http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=300))
+                try:
+                    async with (
+                        http,
+                        Client(streamable_http_client(info.url + "/mcp", http_client=http)) as c,
+                    ):
+                        assert c.protocol_version == "2026-07-28"
+                        async with c.listen(tools_list_changed=True) as subscription:
+                            task_status.started()
+                            async for _ in subscription:
+                                pass
+                except Exception:  # the stream cut by the stop: what the test waits for
+                    pass
+                finally:
+                    ended.set()
+                await release.wait()
+
+            await clients.start(listen)
+            asked = trio.current_time()
+        stopped_after = trio.current_time() - asked
+        with trio.fail_after(10):
+            await ended.wait()
+        release.set()
+    gc.collect()
+    await check.verify()
+    # Generous: a stop held by the listen stream takes the whole grace (20 s) and more.
+    assert stopped_after < grace / 2, stopped_after
+
+
 # -- 5. 2026-07-28: a cancel closes the response stream ------------------------------------------
 
 

@@ -78,6 +78,8 @@ class McpEndpoint:
         self._models = model_names(config)
         self._tools_changed = trio.Event()
         self._cancel = trio.CancelScope()
+        # The requests being handled now (see ``stop``).
+        self._handling: set[trio.CancelScope] = set()
         self.server = _quiet_server(self.sessions)
         register_tools(self.server, ToolDeps(relay, supervisor, self.sessions, self._live))
         register_resources(self.server, supervisor, self.sessions, self.counts, self._live)
@@ -136,8 +138,12 @@ class McpEndpoint:
                 await trio.sleep_forever()
 
     def stop(self) -> None:
-        """End every session and call (their GET streams would hold the server's stop)."""
+        """End every session and call (their GET streams would hold the server's stop), and
+        every request still being handled: a 2026-07-28 request runs in its HTTP request's own
+        task, not the manager's, and a ``subscriptions/listen`` one never ends by itself."""
         self._cancel.cancel()
+        for handling in list(self._handling):
+            handling.cancel()
 
     async def _announce_tools(self) -> None:
         while True:
@@ -217,7 +223,12 @@ class McpEndpoint:
             await watched_send(message)
 
         try:
-            await self.manager.handle_request(scope, watched_receive, limited_send)
+            with trio.CancelScope() as handling:
+                self._handling.add(handling)
+                try:
+                    await self.manager.handle_request(scope, watched_receive, limited_send)
+                finally:
+                    self._handling.discard(handling)
         finally:
             CALLER.reset(token)
 

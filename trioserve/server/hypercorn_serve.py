@@ -97,9 +97,11 @@ DRAIN_SHARE = 0.5
 # The requests that keep the drain going: the relay's. An operator's long-lived admin stream
 # (``/admin/events``, a status page) is no sign that a balancer still sends work.
 DRAIN_PATH_PREFIX = "/v1/"
-# MCP's tool calls are POSTs to /mcp: drained as the relay's requests are (its GET streams
-# never end by themselves, so they are not counted; ``on_drained`` ends them).
+# MCP's tool calls are POSTs to /mcp: drained as the relay's requests are. Its streams that
+# never end by themselves are not counted (``on_drained`` ends them): GET streams, and
+# 2026-07-28's ``subscriptions/listen``, a POST named by its ``Mcp-Method`` header.
 DRAIN_MCP_PATH = "/mcp"
+_MCP_LISTEN = (b"mcp-method", b"subscriptions/listen")
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +285,11 @@ class Drain:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not (
             scope["path"].startswith(DRAIN_PATH_PREFIX)
-            or (scope["path"] == DRAIN_MCP_PATH and scope["method"] == "POST")
+            or (
+                scope["path"] == DRAIN_MCP_PATH
+                and scope["method"] == "POST"
+                and _MCP_LISTEN not in scope["headers"]
+            )
         ):
             await self.app(scope, receive, send)
             return
