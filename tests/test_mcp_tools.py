@@ -236,3 +236,35 @@ async def test_a_user_session_sees_no_more_of_a_model_than_a_user_should(
             assert listed.structured_content is not None
             shown = listed.structured_content["models"]["broken"]["last_error"]
             assert "\n" not in shown and "secret prompt text" not in shown, shown
+
+
+async def test_progress_comes_every_second_even_when_tokens_do_not(state_dir: Path) -> None:
+    """A model slower than a token a second, behind a daemon whose relay says nothing while it
+    waits (``loading_progress = false``): the call still reports at least once a second —
+    more notifications than tokens, every value rising, none past the tokens made."""
+    config = echo_config(
+        state_dir,
+        "--tokens",
+        "3",
+        "--token-delay",
+        "1.6",
+        server={"loading_progress": False},
+    )
+    received: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        received.append((progress, total, message))
+
+    async with running_daemon(config) as (info, _), mcp_session(info.url) as session:
+        result = await session.call_tool(
+            "chat",
+            {"model": "echo", "prompt": "hi", "max_tokens": 3},
+            progress_callback=on_progress,
+        )
+    assert not result.is_error, result
+    # ~5 s of call (the model's start, then 3 tokens 1.6 s apart): a report a second at least.
+    assert len(received) >= 4, received
+    values = [value for value, _, _ in received]
+    assert values == sorted(set(values)), received
+    assert values[-1] < 4, received
+    assert any(message and "waiting for model echo" in message for _, _, message in received)

@@ -28,6 +28,8 @@ __all__ = ["Progress", "RelayAnswer", "call_relay"]
 
 # Progress while generating: at most this often (each chunk would flood a slow client).
 PROGRESS_EVERY = 0.2
+# Progress at least this often, whatever the relay says (``_Collector.heartbeat``).
+HEARTBEAT = 1.0
 # While a call waits (its model starts, its slot is busy), each progress message adds this
 # much: the value must increase, and stays below the first generated token (1).
 WAITING_STEP = 0.001
@@ -85,6 +87,7 @@ class _Collector:
         self._last_progress = -math.inf
         self._waited = 0
         self._sent = 0.0
+        self._waiting: str | None = None  # the relay's last waiting message
         # Set once the call was cancelled: what the relay sends after that is not progress.
         self.gone: trio.Event | None = None
 
@@ -119,6 +122,7 @@ class _Collector:
         now = trio.current_time()
         if message is not None:
             self._last_progress = now
+            self._waiting = message
             # Progress must increase with each notification (MCP): while nothing is generated
             # yet, each waiting message moves it by a sliver below the first token.
             self._waited += 1
@@ -126,6 +130,34 @@ class _Collector:
         elif self._chunks and now - self._last_progress >= PROGRESS_EVERY:
             self._last_progress = now
             await self._send(self._chunks, f"{self._chunks} tokens from {self.model}")
+
+    async def heartbeat(self) -> None:
+        """At least one notification a second (the issue's promise to a waiting agent), also
+        while a model is prefilling or generates slower than a token a second, and when the
+        relay says nothing while waiting (``loading_progress = false``)."""
+        if self.progress is None:
+            return
+        # The first second is counted from the call's start.
+        self._last_progress = max(self._last_progress, trio.current_time())
+        while True:
+            await trio.sleep_until(self._last_progress + HEARTBEAT)
+            now = trio.current_time()
+            if now - self._last_progress < HEARTBEAT:
+                continue  # something was sent meanwhile
+            if self.gone is not None and self.gone.is_set():
+                return
+            self._last_progress = now
+            message = (
+                f"{self._chunks} tokens from {self.model}"
+                if self._chunks
+                else self._waiting or f"waiting for model {self.model}"
+            )
+            # The same figure as before, a sliver more: the value must rise every time (never
+            # past the total: then there is nothing left to report).
+            value = max(self._chunks, self._sent + WAITING_STEP)
+            if self.total is not None:
+                value = min(value, self.total)
+            await self._send(value, message)
 
     async def _send(self, value: float, message: str) -> None:
         assert self.progress is not None
@@ -208,10 +240,12 @@ async def call_relay(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hang_up_when_cancelled)
+        nursery.start_soon(collector.heartbeat)
         # Shielded: a cancel reaches the relay as its client's hang-up (above), not as a
         # Cancelled in the middle of its bookkeeping. Bounded all the same: the hang-up ends
         # it at once, and its own deadlines hold.
         with trio.CancelScope(shield=True):
             await relay(scope, receive, collector.send)
         relayed.set()
+        nursery.cancel_scope.cancel()  # the heartbeat: the answer is complete
     return collector.answer()
