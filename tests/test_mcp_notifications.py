@@ -27,7 +27,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from tests.support.admin import admin_token
 from tests.support.config import echo_cmd, echo_config, make_config
 from tests.support.daemon import LeakCheck, running_daemon
-from tests.support.mcp import key_headers
+from tests.support.mcp import mcp_http_client
 from tests.support.status import load_model, wait_for_stats, wait_for_status
 from trioserve.mcp.resources import LOGS_TEMPLATE, STATUS_URI
 
@@ -106,11 +106,7 @@ async def listening_session(
         if response.request.method == "GET" and response.status_code == 200:
             stream_open.set()
 
-    client = httpx2.AsyncClient(
-        headers=key_headers(key),
-        timeout=httpx2.Timeout(30, read=300),
-        event_hooks={"response": [on_response]},
-    )
+    client = mcp_http_client(key, event_hooks={"response": [on_response]})
     async with (
         client,
         streamable_http_client(url + "/mcp", http_client=client, **http) as (read, write),
@@ -328,7 +324,7 @@ async def test_a_stop_ends_a_2026_07_28_listen_stream(state_dir: Path) -> None:
             check.instance = info.instance
 
             async def listen(task_status: trio.TaskStatus[None]) -> None:
-                http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=300))
+                http = mcp_http_client()
                 try:
                     async with (
                         http,
@@ -368,9 +364,7 @@ async def test_a_2026_07_28_cancel_closes_the_stream_and_aborts_upstream(state_d
         if request.method == "POST":
             posted.append(json.loads(request.content))
 
-    http = httpx2.AsyncClient(
-        timeout=httpx2.Timeout(30, read=300), event_hooks={"request": [on_request]}
-    )
+    http = mcp_http_client(event_hooks={"request": [on_request]})
     async with (
         running_daemon(config, admin=True) as (info, client),
         http,
