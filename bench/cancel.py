@@ -27,7 +27,17 @@ sees it (completion tokens / latency) and added latency (client latency less lla
 prompt + generation time, from the answer's ``timings``). Two llama-server processes serve the
 two models, so the comparison is also made relative to each one's direct figures.
 
+``--api responses`` or ``--api messages`` measures the slot the same way for OpenAI's Responses
+API (``/v1/responses``) or Anthropic's Messages API (``/v1/messages``), whose non-streaming
+requests trioserve also sends upstream as streams and assembles. Their cases add a streaming
+request hung up through trioserve, and a streaming request's "504": ``request_timeout``
+(``--deadline`` + k/N + ``STREAM_DEADLINE_AFTER`` s; ``first_byte_timeout`` does not apply once
+the stream's first byte came) cutting its answer with a last error event, the slot timed from
+the client's receipt of that event. The throughput part is chat's only (assembled Responses
+and Messages answers carry no ``timings``): with another API it is skipped.
+
     .venv/bin/python bench/cancel.py [--runs 6] [--max-tokens 300] [--rounds 4] [--json]
+    .venv/bin/python bench/cancel.py --api responses|messages [--runs 6] [--json]
 """
 
 from __future__ import annotations
@@ -65,6 +75,11 @@ MODELS = {
     PLAIN: {**llama_model(parallel=1), "stream_upstream": False},
 }
 CHAT = "/v1/chat/completions"
+# The paths of the APIs --api picks from.
+API_PATHS = {"chat": CHAT, "responses": "/v1/responses", "messages": "/v1/messages"}
+# A streaming request's request_timeout, after the run's first_byte_timeout (which a
+# non-streaming request meets first).
+STREAM_DEADLINE_AFTER = 0.5
 LONG_PROMPT = "Count from 1 to 1000, separated by commas."
 PROMPTS = [
     "Count from 1 to 200, separated by commas.",
@@ -207,32 +222,49 @@ async def slot_freed(
     return Busy(log_s, slots_s, was_cancelled)
 
 
-def raw_post(port: int, body: dict[str, Any]) -> bytes:
+def raw_post(port: int, body: dict[str, Any], path: str = CHAT) -> bytes:
     data = json.dumps(body).encode()
     return (
-        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n\r\n"
     ).encode() + data
 
 
-def long_request(model: str, max_tokens: int, *, stream: bool) -> dict[str, Any]:
+def long_request(model: str, max_tokens: int, *, stream: bool, api: str = "chat") -> dict[str, Any]:
+    # llama-server: exactly max_tokens tokens unless cancelled (its Messages API drops
+    # ignore_eos; this prompt runs to max_tokens all the same).
+    if api == "responses":
+        return {
+            "model": model,
+            "input": LONG_PROMPT,
+            "max_output_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": stream,
+        }
     return {
         "model": model,
         "messages": [{"role": "user", "content": LONG_PROMPT}],
         "max_tokens": max_tokens,
-        "ignore_eos": True,  # llama-server: exactly max_tokens tokens unless cancelled
+        "ignore_eos": True,
         "stream": stream,
     }
 
 
 async def hang_up(
-    daemon: Daemon, model: str, port: int, body: dict[str, Any], after: float, *, streamed: bool
+    daemon: Daemon,
+    model: str,
+    port: int,
+    body: dict[str, Any],
+    after: float,
+    *,
+    streamed: bool,
+    path: str = CHAT,
 ) -> Busy:
     """Send ``body`` to ``port`` (trioserve's or llama-server's), hang up ``after`` s later."""
     before = await daemon.last_task(model)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     try:
-        await stream.send_all(raw_post(port, body))
+        await stream.send_all(raw_post(port, body, path))
         await trio.sleep(after)
         task = await daemon.last_task(model)
     finally:
@@ -243,17 +275,36 @@ async def hang_up(
     return await slot_freed(daemon, model, task, since, poll_slots=streamed)
 
 
-async def timeout_504(daemon: Daemon, model: str, body: dict[str, Any], *, streamed: bool) -> Busy:
-    """Send ``body`` through trioserve, whose first_byte_timeout answers it with a 504."""
+async def timeout_504(
+    daemon: Daemon, model: str, body: dict[str, Any], *, streamed: bool, path: str = CHAT
+) -> Busy:
+    """Send ``body`` through trioserve, whose first_byte_timeout answers it with a 504 (a
+    streaming ``body``: whose request_timeout cuts the stream with an error event)."""
     before = await daemon.last_task(model)
-    response = await daemon.client.post(CHAT, json=body)
-    since = trio.current_time()
-    if response.status_code != 504:
-        raise RuntimeError(f"expected a 504, got {response.status_code}: {response.text[:300]}")
+    if body.get("stream"):
+        since = await stream_cut(daemon, path, body)
+    else:
+        response = await daemon.client.post(path, json=body)
+        since = trio.current_time()
+        if response.status_code != 504:
+            raise RuntimeError(f"expected a 504, got {response.status_code}: {response.text[:300]}")
     task = await daemon.last_task(model)
     if task == before:
         raise RuntimeError("llama-server started no task before the 504")
     return await slot_freed(daemon, model, task, since, poll_slots=streamed)
+
+
+async def stream_cut(daemon: Daemon, path: str, body: dict[str, Any]) -> float:
+    """Send the streaming ``body`` through trioserve; when its deadline's error event came."""
+    async with daemon.client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:300]}")
+        async for line in response.aiter_lines():
+            # OpenAI's dialect: data: {"error": ...}; Anthropic's: event: error, then its data.
+            if line.startswith('data: {"error"') or line == "event: error":
+                return trio.current_time()
+    raise RuntimeError(f"{path}: the stream ended without the deadline's error event")
 
 
 def busy_summary(runs: list[Busy]) -> dict[str, Any]:
@@ -270,7 +321,8 @@ def busy_summary(runs: list[Busy]) -> dict[str, Any]:
 
 
 async def measure_busy(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    runs = args.runs
+    runs, api = args.runs, args.api
+    path = API_PATHS[api]
     afters = [args.hang_up_after + k / runs for k in range(runs)]
     results: dict[str, list[Busy]] = {}
     async with running_daemon(tmp, "hang-up") as daemon:
@@ -282,28 +334,37 @@ async def measure_busy(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             ("trioserve, stream_upstream = false", PLAIN, port, False, False),
             ("trioserve, stream_upstream = true", MODEL, port, False, True),
         ]
+        if api != "chat":
+            cases.insert(2, ("trioserve, streaming", MODEL, port, True, True))
         if args.polled:
             # What the issue saw: /slots polled while a non-streaming request waits.
             cases.append(("direct, non-streaming, /slots polled", MODEL, direct, False, True))
         progress(f"hang-up: {runs} runs of {len(cases)} cases, interleaved")
         for after in afters:
             for label, model, target, stream, streamed in cases:
-                body = long_request(model, args.max_tokens, stream=stream)
-                busy = await hang_up(daemon, model, target, body, after, streamed=streamed)
+                body = long_request(model, args.max_tokens, stream=stream, api=api)
+                busy = await hang_up(
+                    daemon, model, target, body, after, streamed=streamed, path=path
+                )
                 results.setdefault(f"hang-up: {label}", []).append(busy)
     # first_byte_timeout is the daemon's: one daemon per run, so that the 504s, like the
     # hang-ups, fall at every phase of llama-server's once-a-second check.
-    deadline_cases = (
-        ("trioserve, stream_upstream = false", PLAIN, False),
-        ("trioserve, stream_upstream = true", MODEL, True),
-    )
+    deadline_cases = [
+        ("trioserve, stream_upstream = false", PLAIN, False, False),
+        ("trioserve, stream_upstream = true", MODEL, False, True),
+    ]
+    if api != "chat":
+        deadline_cases.append(("trioserve, streaming (request_timeout)", MODEL, True, True))
     progress(f"504: {runs} runs (a daemon each) of {len(deadline_cases)} cases")
     for k in range(runs):
         deadline = args.deadline + k / runs
-        async with running_daemon(tmp, f"deadline-{k}", first_byte_timeout=deadline) as daemon:
-            for label, model, streamed in deadline_cases:
-                body = long_request(model, args.max_tokens, stream=False)
-                busy = await timeout_504(daemon, model, body, streamed=streamed)
+        server: dict[str, Any] = {"first_byte_timeout": deadline}
+        if api != "chat":
+            server["request_timeout"] = deadline + STREAM_DEADLINE_AFTER
+        async with running_daemon(tmp, f"deadline-{k}", **server) as daemon:
+            for label, model, stream, streamed in deadline_cases:
+                body = long_request(model, args.max_tokens, stream=stream, api=api)
+                busy = await timeout_504(daemon, model, body, streamed=streamed, path=path)
                 results.setdefault(f"504: {label}", []).append(busy)
     return {name: busy_summary(each) for name, each in results.items()}
 
@@ -408,11 +469,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for key in ("runs", "max_tokens", "hang_up_after", "deadline", "rounds", "tokens")
         },
     }
+    if args.api != "chat":
+        result["params"]["api"] = args.api
     with tempfile.TemporaryDirectory(prefix="trioserve-bench-cancel-") as tmpdir:
         tmp = Path(tmpdir)
         if not args.skip_busy:
             result["busy"] = await measure_busy(tmp, args)
-        if not args.skip_throughput:
+        if not args.skip_throughput and args.api == "chat":
             result["throughput"] = await measure_throughput(tmp, args)
     result["machine"]["load_after"] = os.getloadavg()
     return result
@@ -439,12 +502,25 @@ def print_rows(
 def print_table(r: dict[str, Any]) -> None:
     p = r["params"]
     if "busy" in r:
+        if "api" in p:
+            print(f"{API_PATHS[p['api']]}: ", end="")
+        eos = (
+            "ignore_eos, which llama-server's Messages API drops"
+            if p.get("api") == "messages"
+            else "ignore_eos"
+        )
         print(
             f"Slot busy after the client left ({p['runs']} runs each; {p['max_tokens']} tokens "
-            f"asked, ignore_eos; hang-up after {p['hang_up_after']:g}-"
+            f"asked, {eos}; hang-up after {p['hang_up_after']:g}-"
             f"{p['hang_up_after'] + (p['runs'] - 1) / p['runs']:.2f} s; 504 from "
             f"first_byte_timeout = {p['deadline']:g}-"
-            f"{p['deadline'] + (p['runs'] - 1) / p['runs']:.2f} s)"
+            f"{p['deadline'] + (p['runs'] - 1) / p['runs']:.2f} s"
+            + (
+                f", a stream's from request_timeout {STREAM_DEADLINE_AFTER:g} s later"
+                if "api" in p
+                else ""
+            )
+            + ")"
         )
         rows: list[tuple[str, ...]] = [
             ("", "median", "max", "cancelled", "/slots median", "/slots max", "runs")
@@ -534,6 +610,12 @@ def main() -> None:
         "--polled",
         action="store_true",
         help="also a direct non-streaming hang-up with /slots polled every 20 ms meanwhile",
+    )
+    parser.add_argument(
+        "--api",
+        choices=list(API_PATHS),
+        default="chat",
+        help="the API whose requests are cancelled (responses, messages: no throughput part)",
     )
     parser.add_argument("--skip-busy", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")

@@ -64,6 +64,9 @@ def start(
     if not isinstance(level, int):
         die(f"--log-level: unknown level {log_level!r}", 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # python-multipart logs a warning for each malformed upload: any client could fill the
+    # log with them. The client gets its 400 with the reason.
+    logging.getLogger("python_multipart").setLevel(max(level, logging.ERROR))
     try:
         trio.run(lambda: run_daemon(config, insecure=insecure, on_ready=tune_process))
     except DaemonError as exc:

@@ -213,7 +213,7 @@ async def test_assembly_equals_the_backends_non_streaming_answer(
 ) -> None:
     async with echo_in_process() as url:
         whole, whole_reads = await post(url, path, json.dumps(request_body).encode())
-        streamed, reads = await post(url, path, upstream_body(request_body))
+        streamed, reads = await post(url, path, upstream_body(kind, request_body))
     assert streamed.headers["content-type"] == "text/event-stream"
     answer = assemble(kind, reads, streamed)
     assert answer.status == whole.status_code == 200
@@ -228,7 +228,9 @@ async def test_assembly_equals_the_backends_non_streaming_answer(
 async def test_completion_logprobs_are_concatenated_in_order() -> None:
     request_body = completion(logprobs=1, max_tokens=4)
     async with echo_in_process() as url:
-        streamed, reads = await post(url, "/v1/completions", upstream_body(request_body))
+        streamed, reads = await post(
+            url, "/v1/completions", upstream_body("completion", request_body)
+        )
     choice = json.loads(assemble("completion", reads, streamed).body)["choices"][0]
     assert choice["text"] == "the quick brown fox"
     assert choice["logprobs"]["tokens"] == ["the ", "quick ", "brown ", "fox"]
@@ -246,7 +248,9 @@ async def test_an_error_before_the_stream_is_passed_through_unchanged(code: int)
         whole, whole_reads = await post(
             url, "/v1/chat/completions", json.dumps(request_body).encode()
         )
-        streamed, reads = await post(url, "/v1/chat/completions", upstream_body(request_body))
+        streamed, reads = await post(
+            url, "/v1/chat/completions", upstream_body("chat", request_body)
+        )
     assert streamed.status_code == code
     answer = assemble("chat", reads, streamed)
     assert (answer.status, answer.body) == (whole.status_code, b"".join(whole_reads))
@@ -260,7 +264,9 @@ async def test_an_error_inside_the_stream_becomes_the_non_streaming_error(code: 
         whole, whole_reads = await post(
             url, "/v1/chat/completions", json.dumps(request_body).encode()
         )
-        streamed, reads = await post(url, "/v1/chat/completions", upstream_body(request_body))
+        streamed, reads = await post(
+            url, "/v1/chat/completions", upstream_body("chat", request_body)
+        )
     assert streamed.status_code == 200
     stream = b"".join(reads)
     assert stream.count(b'"delta"') == 6 and b"[DONE]" not in stream
@@ -275,7 +281,7 @@ async def test_an_error_inside_the_stream_becomes_the_non_streaming_error(code: 
 async def rich_stream() -> bytes:
     request_body = chat(text=WORDS, n=2, tools=TOOLS[:1], logprobs=True, max_tokens=3)
     async with echo_in_process() as url:
-        _, reads = await post(url, "/v1/chat/completions", upstream_body(request_body))
+        _, reads = await post(url, "/v1/chat/completions", upstream_body("chat", request_body))
     return b"".join(reads)
 
 
@@ -300,7 +306,9 @@ def events_of(stream: bytes) -> list[Any]:
 
 async def test_echo_sends_usage_alone_last_only_when_asked() -> None:
     async with echo_in_process() as url:
-        _, asked = await post(url, "/v1/completions", upstream_body(completion(max_tokens=2)))
+        _, asked = await post(
+            url, "/v1/completions", upstream_body("completion", completion(max_tokens=2))
+        )
         plain = json.dumps(completion(max_tokens=2, stream=True)).encode()
         _, not_asked = await post(url, "/v1/completions", plain)
     *_, finish, usage, done = events_of(b"".join(asked))
@@ -321,7 +329,10 @@ async def test_echo_response_delay_holds_a_stream_that_asks_for_usage(
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(serve, EchoOptions(port=0, response_delay=delay))
         async with httpx.AsyncClient(base_url=urls[0], trust_env=False, timeout=None) as client:
-            for body in (upstream_body(chat(text=WORDS)), json.dumps(chat(text=WORDS)).encode()):
+            for body in (
+                upstream_body("chat", chat(text=WORDS)),
+                json.dumps(chat(text=WORDS)).encode(),
+            ):
                 start = trio.current_time()
                 response = await client.post("/v1/chat/completions", content=body)
                 assert response.status_code == 200

@@ -282,15 +282,15 @@ def test_upstream_body_streams_with_usage_and_keeps_the_rest() -> None:
         "tools": TOOLS,
         "cache_prompt": False,
     }
-    sent = json.loads(upstream_body(body))
+    sent = json.loads(upstream_body("chat", body))
     assert sent == {
         **body,
         "stream": True,
         "stream_options": {"continuous_usage_stats": True, "include_usage": True},
     }
-    assert json.loads(upstream_body({"model": "m", "stream_options": None}))["stream_options"] == {
-        "include_usage": True
-    }
+    assert json.loads(upstream_body("chat", {"model": "m", "stream_options": None}))[
+        "stream_options"
+    ] == {"include_usage": True}
     assert body["stream"] is False  # the client's request is not changed
 
 
@@ -298,15 +298,15 @@ def test_upstream_body_streams_with_usage_and_keeps_the_rest() -> None:
 def test_upstream_body_adds_to_the_clients_bytes_when_it_can(tail: bytes) -> None:
     raw = b'{"model": "m",  "messages": [{"role": "user", "content": "\\u00e9"}]}' + tail
     body = json.loads(raw)
-    sent = upstream_body(body, raw)
+    sent = upstream_body("chat", body, raw)
     assert sent.startswith(raw[: raw.rindex(b"}")])  # the client's bytes, not re-encoded
-    assert json.loads(sent) == json.loads(upstream_body(body))
+    assert json.loads(sent) == json.loads(upstream_body("chat", body))
     assert json.loads(sent) == {**body, "stream": True, "stream_options": {"include_usage": True}}
 
 
 def test_upstream_body_encodes_again_when_the_client_set_stream() -> None:
     raw = b'{"model": "m", "stream": false}'
-    sent = upstream_body(json.loads(raw), raw)
+    sent = upstream_body("completion", json.loads(raw), raw)
     assert json.loads(sent) == {
         "model": "m",
         "stream": True,

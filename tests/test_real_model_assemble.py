@@ -73,7 +73,10 @@ async def both_ways(url: str, path: str, body: dict[str, Any]) -> tuple[httpx.Re
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=120) as client:
         whole = await client.post(path, json=body)
         async with client.stream(
-            "POST", path, content=upstream_body(body), headers={"content-type": "application/json"}
+            "POST",
+            path,
+            content=upstream_body(ASSEMBLED_PATHS[path], body),
+            headers={"content-type": "application/json"},
         ) as response:
             assembler = Assembler(
                 ASSEMBLED_PATHS[path], response.status_code, response.headers["content-type"]

@@ -82,6 +82,8 @@ class ServerConfig(_Section):
     first_byte_timeout: _Float = Field(180, gt=0)
     stream_idle_timeout: _Float = Field(60, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # Multipart uploads (/v1/audio/*): streamed to the model, never held whole in memory.
+    max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1)
     api_keys: _ApiKeys = Field(default_factory=list)
     admin_keys: _ApiKeys = Field(default_factory=list)
     loading_progress: bool = True
@@ -94,6 +96,9 @@ class ServerConfig(_Section):
     # "keys": admin writes and logs over TCP need an admin key, or the local admin token when
     # admin_keys is empty. "open": anyone who reaches the port (a single-user machine).
     admin_over_tcp: Literal["keys", "open"] = "keys"
+    # /upstream/{model}/{path}: a model server's every path (it can change the server's state,
+    # e.g. erase a slot). "admin": admin only (as /admin writes); "users": /v1's keys; "off".
+    upstream_passthrough: Literal["admin", "users", "off"] = "admin"
     # PEM files; both set = HTTPS (and HTTP/2 where the client offers it).
     tls_cert: str = ""
     tls_key: str = ""

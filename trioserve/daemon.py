@@ -325,7 +325,7 @@ async def _serve(
             reloader = Reloader(config, live.apply, notifier)
             stream_ends = StreamEnds()
             access = AdminAccess(await _admin_token(config))
-            relay = Relay(config, supervisor, pool, metrics, usage)
+            relay = Relay(config, supervisor, pool, metrics, usage, access)
             mcp = await _start_mcp(core, config, relay, supervisor, access)
             if mcp is not None:
                 metrics.watch_mcp(mcp.counts)

@@ -1,7 +1,9 @@
 """The exceptions of trioserve, each carrying the HTTP status and OpenAI error code it maps to.
 
 The mapping to HTTP lives here, in one place: the gateway turns any ``TrioserveError`` into
-``{"error": {"message", "type", "code"}}`` with ``status`` and, where set, ``Retry-After``.
+``{"error": {"message", "type", "code"}}`` with ``status`` and, where set, ``Retry-After``; on
+Anthropic's paths into ``{"type": "error", "error": {"type", "message"}}`` (``anthropic_body``),
+the shape Anthropic's SDK reads, with the same status.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class TrioserveError(Exception):
     def body_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()
 
+    def anthropic_body(self) -> bytes:
+        """The error in Anthropic's shape: its type named after our status."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return json.dumps(
+            {"type": "error", "error": {"type": kind, "message": self.message}}
+        ).encode()
+
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
@@ -55,6 +64,19 @@ class TrioserveError(Exception):
             seconds = max(1, math.ceil(self.retry_after))
             headers.append((b"retry-after", str(seconds).encode()))
         return headers
+
+
+# Anthropic's error types by status (its API reference, "Errors"); 502 and 504 are api_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 class InvalidRequest(TrioserveError):
@@ -85,8 +107,8 @@ class ModelNotFound(TrioserveError):
 class RequestTooLarge(TrioserveError):
     status, code, type = 413, "request_too_large", "invalid_request_error"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body is larger than max_body_bytes ({limit} bytes)")
+    def __init__(self, limit: int, setting: str = "max_body_bytes") -> None:
+        super().__init__(f"request body is larger than {setting} ({limit} bytes)")
 
 
 class QueueFull(TrioserveError):

@@ -24,8 +24,9 @@ from trioserve.host.admin_files import read_admin_token, token_path
 
 __all__ = ["AdminAuth", "admin_header", "admin_token"]
 
-# Only admin paths: a key on /v1 would change whose request it is (the user is who the key names).
-_ADMIN_PREFIX = "/admin/"
+# Only admin paths (/admin, and /upstream, admin-only by default): a key on /v1 would change
+# whose request it is (the user is who the key names).
+_ADMIN_PREFIXES = ("/admin/", "/upstream/")
 
 
 def admin_token(state_dir: Path) -> str:
@@ -42,16 +43,17 @@ def admin_header(state_dir: Path) -> bytes:
 
 class AdminAuth(httpx.Auth):
     """Makes an httpx client (or one call: ``auth=``) the admin of the daemon on
-    ``state_dir``: its requests under ``/admin/`` carry the local admin token, unless they
-    carry a key of their own. The token is read at each request: a restarted daemon has a new
-    one. Without a token file nothing is added, and the daemon's 401 names the file."""
+    ``state_dir``: its requests under ``/admin/`` and ``/upstream/`` carry the local admin
+    token, unless they carry a key of their own. The token is read at each request: a
+    restarted daemon has a new one. Without a token file nothing is added, and the daemon's
+    401 names the file."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         has_key = "authorization" in request.headers or "x-api-key" in request.headers
-        if request.url.path.startswith(_ADMIN_PREFIX) and not has_key:
+        if request.url.path.startswith(_ADMIN_PREFIXES) and not has_key:
             token = read_admin_token(self.state_dir)
             if token is not None:
                 request.headers["authorization"] = f"Bearer {token}"

@@ -1,8 +1,9 @@
-"""Models: the OpenAI list (``/v1/models``) and the admin calls on one model (load, unload,
-logs)."""
+"""Models: the OpenAI list (``/v1/models``; Anthropic's list for Anthropic's clients) and the
+admin calls on one model (load, unload, logs)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from quart import Blueprint, Response, request
@@ -20,18 +21,24 @@ def model_routes(ctx: AdminContext) -> Blueprint:
     @routes.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         status = supervisor.status()
-        data = []
-        for name, model in reloader.config.models.items():
-            for each in [name, *model.aliases]:
-                data.append(
-                    {
-                        "id": each,
-                        "object": "model",
-                        "created": int(ctx.started_at),
-                        "owned_by": "trioserve",
-                        "state": status[name].state.value,
-                    }
-                )
+        names = [
+            (each, status[name].state.value)
+            for name, model in reloader.config.models.items()
+            for each in [name, *model.aliases]
+        ]
+        if "anthropic-version" in request.headers:
+            # Anthropic's SDK (and Claude Code) send it on every call, and read this shape.
+            return _anthropic_list(names, ctx.started_at)
+        data = [
+            {
+                "id": each,
+                "object": "model",
+                "created": int(ctx.started_at),
+                "owned_by": "trioserve",
+                "state": state,
+            }
+            for each, state in names
+        ]
         return {"object": "list", "data": data}
 
     @routes.post("/admin/models/<name>/load")
@@ -58,3 +65,17 @@ def model_routes(ctx: AdminContext) -> Blueprint:
         return Response(text, content_type="text/plain; charset=utf-8")
 
     return routes
+
+
+def _anthropic_list(names: list[tuple[str, str]], started_at: float) -> dict[str, Any]:
+    created = datetime.fromtimestamp(int(started_at), UTC).isoformat().replace("+00:00", "Z")
+    data = [
+        {"type": "model", "id": each, "display_name": each, "created_at": created, "state": state}
+        for each, state in names
+    ]
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

@@ -16,7 +16,8 @@ from trioserve.config import Config
 from trioserve.errors import InvalidRequest
 from trioserve.gateway.asgi import Message, Receive, Scope, Send, send_error
 from trioserve.gateway.browser_guard import BrowserGuard
-from trioserve.gateway.relay import Relay, RelayPaths
+from trioserve.gateway.passthrough import relayed_api
+from trioserve.gateway.relay import Relay
 
 __all__ = ["Gateway"]
 
@@ -29,6 +30,16 @@ _HEALTH_HEADERS = [
 # answer while the daemon drains or its loop stalled) in each request's ``scope["state"]``.
 _HEALTH_STATE_KEY = "trioserve.liveness"
 MCP_PATH = "/mcp"
+# Stored responses: OpenAI keeps them by id; trioserve cannot tell which model holds one.
+_STORED_RESPONSES = "/v1/responses/"
+
+
+_CANNOT_ROUTE = InvalidRequest(
+    "trioserve cannot route a stored response: the request names no model, and each model "
+    "server keeps its own responses. Send previous_response_id in a POST /v1/responses "
+    "that names the model instead.",
+    status=404,
+)
 
 
 class Gateway:
@@ -82,9 +93,12 @@ class Gateway:
                     return
                 await self.mcp_app(scope, receive, send)
                 return
-            if path in RelayPaths and scope["method"] == "POST":
+            if relayed_api(scope["method"], path) is not None:
                 # The relay checks the key (and learns whose it is) before reading the body.
                 await self.relay(scope, receive, send)
+                return
+            if path.startswith(_STORED_RESPONSES) and scope["method"] in ("GET", "DELETE"):
+                await send_error(send, _CANNOT_ROUTE)
                 return
         if scope["type"] != "http":
             await self.admin_app(scope, receive, send)

@@ -1,32 +1,42 @@
-"""A non-streaming OpenAI answer assembled from the stream the backend sent instead.
+"""A non-streaming answer assembled from the stream the backend sent instead: OpenAI's chat
+and text completions, the Responses API (``assemble_responses``) and Anthropic's Messages
+(``assemble_messages``).
 
 llama-server notices that a client went away only while it writes a stream (a non-streaming
 request keeps its slot to the end, llama.cpp #13262), so the relay asks for a stream even when
 its client did not (``upstream_body``) and gives the client the answer it asked for, built here
-from the chunks (``Assembler``). Pure: no trio, no I/O; the relay feeds whatever one upstream
+from the events (``Assembler``). Pure: no trio, no I/O; the relay feeds whatever one upstream
 read brought, so the SSE framing may be split anywhere.
 
-It runs for every token of a non-streaming answer, so a chunk costs one JSON decode plus a merge
-that appends strings to lists (``assemble_choice``), and the answer's JSON is built once, at the
-end: the decode, which any relay that reads the chunks pays, stays most of a chunk's cost.
+It runs for every token of a non-streaming answer, so an event costs one JSON decode plus a
+merge that appends strings to lists (``assemble_choice``, ``assemble_messages``), and the
+answer's JSON is built once, at the end: the decode, which any relay that reads the events
+pays, stays most of an event's cost.
 
 Errors: a backend that answers with another status, or not with ``text/event-stream``, is passed
-through unchanged. An event ``data: {"error": {...}}`` ends the answer with that body and the
-status the backend would have answered without streaming: llama-server and vLLM put it in the
-error's ``code`` number (llama-server's non-streaming status *is* that code); otherwise the
-OpenAI error ``type`` names it (``_STATUS_BY_TYPE``); otherwise 500. A stream that ends before
-``data: [DONE]``, or carries an event that is not an OpenAI chunk, raises ``BrokenStream``
-(a 502 ``upstream_error``).
+through unchanged. An error event ends the answer with the status and body the backend would
+have answered without streaming (``assemble_errors``): for a chat or completion stream, ``data:
+{"error": {...}}``, with the status llama-server and vLLM put in the error's ``code`` number
+(llama-server's non-streaming status *is* that code), else the one its OpenAI ``type`` names,
+else 500. A stream that ends before its end (``data: [DONE]``; ``event: response.completed`` or
+``response.incomplete``; ``event: message_stop``), or carries an event that is not the API's,
+raises ``BrokenStream`` (a 502 ``upstream_error``).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from trioserve.errors import UpstreamError
 from trioserve.gateway.assemble_choice import MergedChoice
+from trioserve.gateway.assemble_errors import error_status
+from trioserve.gateway.assemble_messages import MessagesAnswer
+from trioserve.gateway.assemble_responses import ResponsesAnswer
+from trioserve.gateway.usage import generated, usage_of
 
 __all__ = [
     "ASSEMBLED_PATHS",
@@ -38,51 +48,55 @@ __all__ = [
     "upstream_body",
 ]
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "responses", "messages"]
 
 # The paths whose non-streaming requests are sent upstream as streams, and what they answer.
 ASSEMBLED_PATHS: Final[dict[str, Kind]] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
 }
 
 _OBJECT: Final[dict[Kind, str]] = {"chat": "chat.completion", "completion": "text_completion"}
+# How each kind's stream ends, for the message of a stream cut before.
+_END: Final[dict[Kind, str]] = {
+    "chat": "'data: [DONE]'",
+    "completion": "'data: [DONE]'",
+    "responses": "'event: response.completed'",
+    "messages": "'event: message_stop'",
+}
 _JSON: Final = b"application/json"
 _DONE: Final = b"[DONE]"
 _STREAM_WITH_USAGE: Final = b',"stream":true,"stream_options":{"include_usage":true}}'
+# The Responses and Messages APIs always end their streams with the usage, and have no
+# stream_options for it (the Responses API's are about obfuscation; llama-server ignores them).
+_STREAM: Final = b',"stream":true}'
 # Top-level chunk fields that are not copied as they come: the answer's own, and OpenAI's
 # ``obfuscation`` (random padding against length side channels), meaningful only in a stream.
 _NOT_EXTRA: Final = frozenset(
     {"id", "object", "created", "model", "choices", "usage", "obfuscation"}
 )
 _decode = json.JSONDecoder().decode
-# OpenAI's and llama-server's error types, for an in-stream error without a numeric code.
-_STATUS_BY_TYPE: Final[dict[str, int]] = {
-    "invalid_request_error": 400,
-    "exceed_context_size_error": 400,
-    "authentication_error": 401,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "rate_limit_error": 429,
-    "server_error": 500,
-    "not_supported_error": 501,
-    "unavailable_error": 503,
-    "timeout_error": 504,
-}
 
 
-def upstream_body(body: dict[str, Any], raw: bytes | None = None) -> bytes:
-    """The client's non-streaming request as a streamed one that ends with its usage.
+def upstream_body(kind: Kind, body: dict[str, Any], raw: bytes | None = None) -> bytes:
+    """The client's non-streaming request of ``kind`` as a streamed one that ends with its
+    usage: ``"stream": true``, and for chat and completions ``stream_options.include_usage``.
 
     Everything else the client sent is kept, ``stream_options`` keys included. ``raw``, the
     bytes ``body`` was parsed from, saves encoding it again when the client sent neither
-    ``stream`` nor ``stream_options``: the two keys are then added at its end. A copy costs far
+    ``stream`` nor ``stream_options``: the keys are then added at its end. A copy costs far
     less than encoding again, which for a body of megabytes would stall the event loop.
     """
+    openai = kind == "chat" or kind == "completion"
     if raw is not None and body and "stream" not in body and "stream_options" not in body:
         end = raw.rfind(b"}")
         if end > 0 and not raw[end + 1 :].strip():
-            return b"".join((memoryview(raw)[:end], _STREAM_WITH_USAGE))  # one copy
+            added = _STREAM_WITH_USAGE if openai else _STREAM
+            return b"".join((memoryview(raw)[:end], added))  # one copy
+    if not openai:
+        return json.dumps({**body, "stream": True}, separators=(",", ":")).encode()
     options = body.get("stream_options")
     merged = {**options, "include_usage": True} if isinstance(options, dict) else None
     streamed = {
@@ -94,22 +108,8 @@ def upstream_body(body: dict[str, Any], raw: bytes | None = None) -> bytes:
     return json.dumps(streamed, separators=(",", ":")).encode()
 
 
-def error_status(error: object) -> int:
-    """The HTTP status for an in-stream error object (the value of its ``"error"`` key)."""
-    if isinstance(error, dict):
-        code = error.get("code")
-        if isinstance(code, str) and code.isascii() and code.isdigit():
-            code = int(code)
-        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
-            return code
-        kind = error.get("type")
-        if isinstance(kind, str) and kind in _STATUS_BY_TYPE:
-            return _STATUS_BY_TYPE[kind]
-    return 500
-
-
 class BrokenStream(UpstreamError):
-    """The backend's stream cannot become an answer: cut short, or not OpenAI chunks."""
+    """The backend's stream cannot become an answer: cut short, or not the API's events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +125,24 @@ class Assembler:
     """Feed it the upstream body as it arrives; ``result()`` is the non-streaming answer.
 
     ``status`` and ``content_type`` are the upstream response's: anything but a 200 event
-    stream is collected and passed through unchanged.
+    stream is collected and passed through unchanged. ``clock`` (seconds since the epoch)
+    dates a Responses answer's ``completed_at`` when its stream did not.
     """
 
     def __init__(
-        self, kind: Kind, status: int = 200, content_type: str = "text/event-stream"
+        self,
+        kind: Kind,
+        status: int = 200,
+        content_type: str = "text/event-stream",
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.kind = kind
+        self._api: ResponsesAnswer | MessagesAnswer | None = None
+        if kind == "responses":
+            self._api = ResponsesAnswer(clock)
+        elif kind == "messages":
+            self._api = MessagesAnswer()
         self._passthrough: list[bytes] | None = None
         if status != 200 or not content_type.startswith("text/event-stream"):
             self._passthrough = []
@@ -148,8 +159,9 @@ class Assembler:
 
     @property
     def usage(self) -> Any:
-        """The last ``usage`` object the stream carried, or None."""
-        return self._usage
+        """The ``usage`` object of the answer, as the stream reported it (a chat's last one;
+        a response's; a message's, once ``message_delta`` gave its output tokens), or None."""
+        return self._usage if self._api is None else self._api.usage
 
     @property
     def events(self) -> int:
@@ -158,8 +170,27 @@ class Assembler:
 
     @property
     def done(self) -> bool:
-        """True once ``[DONE]`` or an error event arrived: the rest need not be read."""
+        """True once the stream's end or an error event arrived: the rest need not be read."""
         return self._done
+
+    def tokens(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens of the answer, from the usage its stream reported;
+        None when it reported none (yet)."""
+        return usage_of({"usage": self.usage})
+
+    def counted(self) -> tuple[int, int] | None:
+        """What an answer cut short (client gone, deadline) is counted as: ``tokens()``, or
+        else ``generated`` from its token events (a chat's every event; a response's
+        ``*.delta``, a message's ``content_block_delta`` events) and the prompt tokens
+        ``message_start`` reported. A stream that got to its end counts only its usage."""
+        found = self.tokens()
+        if found is not None or self._done:
+            return found
+        api = self._api
+        if api is None:
+            return generated(self._events)
+        prompt = usage_of({"usage": api.prompt_usage})
+        return generated(api.tokens, prompt[0] if prompt is not None else 0)
 
     def feed(self, data: bytes) -> None:
         """Take the next bytes of the upstream body. Raises ``BrokenStream`` on a bad event."""
@@ -193,13 +224,16 @@ class Assembler:
 
     def _dispatch_lines(self, event: bytes) -> None:
         data: list[bytes] = []
+        name: str | None = None
         for line in event.split(b"\n"):
             if line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
-            # Anything else is a comment (":"), a field we do not use (event, id, retry), or
-            # the empty line before an event that began after more than one blank line.
+            elif line.startswith(b"event:"):
+                name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
+            # Anything else is a comment (":"), a field we do not use (id, retry), or the
+            # empty line before an event that began after more than one blank line.
         if data:
-            self._dispatch(b"\n".join(data))
+            self._dispatch(b"\n".join(data), name)
 
     def result(self) -> Assembled:
         """The answer; call it once the upstream body has ended."""
@@ -212,8 +246,11 @@ class Assembler:
             return self._error
         if not self._done:
             raise BrokenStream(
-                f"the stream ended before 'data: [DONE]' (after {self._events} events)"
+                f"the stream ended before {_END[self.kind]} (after {self._events} events)"
             )
+        if self._api is not None:
+            body = json.dumps(self._api.answer(), separators=(",", ":")).encode()
+            return Assembled(200, _JSON, body)
         if not self._head:
             raise BrokenStream("the stream ended without a single answer chunk")
         chat = self.kind == "chat"
@@ -231,8 +268,11 @@ class Assembler:
 
     # -- per event -----------------------------------------------------------------------------
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self, data: bytes, name: str | None = None) -> None:
         self._events += 1
+        if self._api is not None:
+            self._take(self._api, data, name)
+            return
         if data == _DONE:
             self._done = True
             return
@@ -253,6 +293,27 @@ class Assembler:
             raise BrokenStream(
                 f"event {self._events} is not an OpenAI chunk ({error!r}): {data[:200]!r}"
             ) from None
+
+    def _take(self, api: ResponsesAnswer | MessagesAnswer, data: bytes, name: str | None) -> None:
+        """One event of the Responses or Messages API."""
+        if data == _DONE:
+            return  # some proxies end these streams so too; the API's own end event counts
+        try:
+            event = _decode(data.decode())
+        except ValueError:  # UnicodeDecodeError included
+            raise BrokenStream(f"event {self._events} is not JSON: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise BrokenStream(f"event {self._events} is not a JSON object: {data[:200]!r}")
+        try:
+            api.take(name, event, data)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise BrokenStream(
+                f"event {self._events} is not a {self.kind} event ({error!r}): {data[:200]!r}"
+            ) from None
+        if api.done:
+            self._done = True
+            if api.error is not None:
+                self._error = Assembled(api.error[0], _JSON, api.error[1])
 
     def _merge(self, chunk: dict[str, Any]) -> None:
         if not self._head:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import trio
 
 from trioserve.errors import TrioserveError
+from trioserve.gateway.apis import Dialect
 from trioserve.gateway.asgi import Send, send_json
 
 __all__ = ["Downstream"]
@@ -27,8 +28,11 @@ FAIL_SEND_LIMIT = 5.0
 
 
 class Downstream:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, dialect: Dialect = "openai") -> None:
         self.send = send
+        # Anthropic's paths: errors in Anthropic's shape, an error in a stream an
+        # ``event: error``.
+        self.anthropic = dialect == "anthropic"
         self._pending = bytearray()
         self._head_done = trio.Event()
         self.started = False  # a response head is being sent (or was)
@@ -87,10 +91,11 @@ class Downstream:
     async def fail(self, error: TrioserveError) -> None:
         """Tell the client about ``error`` as far as what was sent allows (shielded, bounded)."""
         with trio.CancelScope(shield=True, deadline=trio.current_time() + FAIL_SEND_LIMIT):
+            body = error.anthropic_body() if self.anthropic else error.body_bytes()
             if not self.started:
                 self.status = error.status
                 headers = [h for h in error.headers() if h[0] != b"content-type"]
-                await send_json(self.send, error.status, error.body_bytes(), headers + self.extra)
+                await send_json(self.send, error.status, body, headers + self.extra)
             elif not self.is_event_stream:
                 # A plain body with a Content-Length is on its way: there is no way to say
                 # "error" inside it. Sending nothing more makes Hypercorn close the connection,
@@ -101,6 +106,7 @@ class Downstream:
                 # After a model that died mid-event, the error starts an event of its own.
                 await self.flush()
                 separator = b"" if self.at_event_boundary else b"\n\n"
-                self.write(separator + b"data: " + error.body_bytes() + b"\n\n")
+                event = b"event: error\n" if self.anthropic else b""
+                self.write(separator + event + b"data: " + body + b"\n\n")
                 await self.flush()
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})

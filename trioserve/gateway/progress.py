@@ -1,5 +1,7 @@
 """Loading progress: SSE comments to a streaming client while its model starts or its request
-waits for a slot, so the client can show progress and no proxy times it out."""
+waits for a slot, so the client can show progress and no proxy times it out. Anthropic's
+streams get its own keep-alive, ``event: ping``, which its SDK expects and skips (a comment
+would do for the SDK, but Anthropic's API sends pings, and clients may show them)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
     CLOSE,
 ]
+_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
 async def send_progress(request: RelayedRequest, supervisor: Supervisor) -> None:
@@ -44,7 +47,7 @@ async def send_progress(request: RelayedRequest, supervisor: Supervisor) -> None
             line = f": loading model {name} ({waited:.1f}s)\n\n"
         if not out.started:
             await out.start(200, SSE_HEADERS)
-        out.write(line.encode())
+        out.write(_PING if out.anthropic else line.encode())
         await out.flush()
         with trio.move_on_after(PROGRESS_EVERY):
             await stop.wait()

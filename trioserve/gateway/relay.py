@@ -10,12 +10,17 @@ Deadlines are cancel scopes at the call site: ``request_timeout`` around everyth
 between upstream reads (``IdleDeadline``). Leaving any of them closes the upstream response,
 which closes its connection, so the backend sees the disconnect and stops generating. So does
 the client going away: ``RelayedRequest.watch_disconnect`` cancels the upstream side at once.
+
+Which paths, and how each differs (light, assembled, Anthropic's dialect, uploads): ``apis.py``.
+``/upstream/{model}/{path}`` passes any request through to that model's server, for whom
+``upstream_passthrough`` allows.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,21 +33,18 @@ from trioserve.errors import (
     TrioserveError,
     UpstreamError,
 )
-from trioserve.gateway.asgi import Receive, Scope, Send, presented_key
-from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembler, upstream_body
+from trioserve.gateway import answer
+from trioserve.gateway.admin_access import AdminAccess
+from trioserve.gateway.asgi import Receive, Scope, Send, header, presented_key
+from trioserve.gateway.assemble import upstream_body
 from trioserve.gateway.downstream import Downstream, Headers
-from trioserve.gateway.idle import IdleDeadline
 from trioserve.gateway.metrics import Metrics
+from trioserve.gateway.passthrough import passthrough_target, passthrough_user, relayed_api
 from trioserve.gateway.progress import CLOSE, send_progress
 from trioserve.gateway.request import ClientGone, RelayedRequest, parse_body, read_body
-from trioserve.gateway.upstream import KeepAlivePool, UpstreamResponse
-from trioserve.gateway.usage import (
-    StreamUsage,
-    UsageBook,
-    generated,
-    usage_in_body,
-    usage_of,
-)
+from trioserve.gateway.upload import Upload, begin_upload
+from trioserve.gateway.upstream import JSON, KeepAlivePool, UpstreamResponse
+from trioserve.gateway.usage import UsageBook, usage_in_body
 from trioserve.sharing.budgets import UserBudget, ratelimit_headers
 from trioserve.sharing.identity import User, identify, keys_required
 from trioserve.supervision.lifecycle import State
@@ -52,17 +54,18 @@ from trioserve.supervision.supervisor import Supervisor
 if TYPE_CHECKING:
     from trioserve.supervision.model import Endpoint
 
-__all__ = ["BODY_READ_TIMEOUT", "IN_PROCESS_USER_KEY", "Relay", "RelayPaths"]
-
-RelayPaths = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+__all__ = ["BODY_READ_TIMEOUT", "IN_PROCESS_USER_KEY", "Relay"]
 
 # Where an in-process caller (trioserve.mcp) puts the ``User`` a request is made as, in
 # ``scope["state"]``: MCP decided it from the /mcp request's key (or admin: the user "admin",
 # which has no /v1 key). Only code in this process can set a scope's state; the server never
 # puts this key there for a connection.
 IN_PROCESS_USER_KEY = "trioserve.in_process_user"
-# A client that trickles its body (slowloris) is cut off after this long.
+# A client that trickles its body (slowloris) is cut off after this long. (An upload's body
+# only until its model is known: the rest is streamed to the model, within request_timeout.)
 BODY_READ_TIMEOUT = 30.0
+# Longest an error answer to an upload waits for the rest of the upload to be read and dropped.
+UPLOAD_DRAIN_TIMEOUT = 30.0
 
 
 class Relay:
@@ -75,6 +78,7 @@ class Relay:
         pool: KeepAlivePool,
         metrics: Metrics,
         usage: UsageBook,
+        access: AdminAccess | None = None,
     ) -> None:
         # Replaced whole by a reload: a request reads it once per step, never half of two.
         self.config = config
@@ -82,9 +86,13 @@ class Relay:
         self.pool = pool
         self.metrics = metrics
         self.usage = usage
+        # Who is admin, for /upstream (None: nobody but the admin socket's peers).
+        self.access = access or AdminAccess(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = RelayedRequest(scope, Downstream(send))
+        api = relayed_api(scope["method"], scope["path"])
+        assert api is not None, "the gateway routes only the relay's paths here"
+        request = RelayedRequest(scope, Downstream(send, api.dialect), api)
         server = self.config.server
         answered = False
         try:
@@ -124,38 +132,64 @@ class Relay:
 
     async def _receive_and_serve(self, request: RelayedRequest, receive: Receive) -> None:
         """The body, the model it names, then the upstream side while the client is there."""
-        server = self.config.server
+        scope = request.scope
+        passthrough = request.api.passthrough
         # The key first, before any byte of the body is read: 401 whatever the body holds.
-        trusted = (request.scope.get("state") or {}).get(IN_PROCESS_USER_KEY)
-        request.user = (
-            trusted
-            if isinstance(trusted, User)
-            else identify(self.config, presented_key(request.scope), None, _client_host(request))
-        )
+        trusted = (scope.get("state") or {}).get(IN_PROCESS_USER_KEY)
+        if isinstance(trusted, User):
+            request.user = trusted
+        elif passthrough:
+            request.user = passthrough_user(self.config, self.access, scope, _client_host(request))
+        else:
+            request.user = identify(self.config, presented_key(scope), None, _client_host(request))
         # Budgets next, still before the body: a user over budget costs no body read. (Only
         # a configured user's key gives a user budgets, and the body's `user` never names one.)
         budget = self.usage.budgets.get(request.user.name)
         if budget is not None:
             _admit(request, budget)
+        body: bytes | Upload
         with trio.move_on_after(BODY_READ_TIMEOUT) as body_read:
-            body = await read_body(request.scope, receive, server.max_body_bytes)
+            if passthrough:
+                name, request.target = passthrough_target(scope)
+                body = await read_body(scope, receive, self.config.server.max_body_bytes)
+            elif request.api.upload:
+                body = await begin_upload(scope, receive, self.config.server.max_upload_bytes)
+                name = body.model
+            else:
+                body = await read_body(scope, receive, self.config.server.max_body_bytes)
         if body_read.cancelled_caught:
             raise InvalidRequest(
                 f"request body not received within {BODY_READ_TIMEOUT:g}s", status=408
             )
-        data, name = parse_body(body)
+        if isinstance(body, Upload):
+            request.target = scope["path"]
+            # An error answered before the upload was sent on must first take the rest of it:
+            # see ``_fail``.
+            request.unread = receive
+            async with body:
+                await self._relay(request, receive, self.supervisor.resolve(name), body)
+            return
+        if not passthrough:
+            data, name = parse_body(body)
+            request.target = scope["path"]
+            request.streaming = data.get("stream") is True
+            if not keys_required(self.config) and data.get("user") and trusted is None:
+                # No key identifies users (none are configured): the body's `user` does.
+                request.user = identify(self.config, None, data["user"], _client_host(request))
         model = self.supervisor.resolve(name)
-        request.model = model.name
-        request.streaming = data.get("stream") is True
-        if not keys_required(self.config) and data.get("user") and trusted is None:
-            # No key identifies users (none are configured): the body's `user` does.
-            request.user = identify(self.config, None, data["user"], _client_host(request))
-        kind = ASSEMBLED_PATHS.get(request.scope["path"])
+        kind = request.api.assemble
         if kind is not None and not request.streaming and model.config.stream_upstream:
             # Sent upstream as a stream: a backend notices a closed connection at once only
             # while it writes a stream (llama-server), so a hang-up or deadline stops it.
             request.assemble = kind
-            body = upstream_body(data, body)
+            body = upstream_body(kind, data, body)
+        request.body_read.set()
+        await self._relay(request, receive, model, body)
+
+    async def _relay(
+        self, request: RelayedRequest, receive: Receive, model: ManagedModel, body: bytes | Upload
+    ) -> None:
+        request.model = model.name
         error: TrioserveError | None = None
         async with trio.open_nursery() as nursery:
             # The client going away cancels everything this request does, upstream
@@ -167,7 +201,7 @@ class Relay:
             raise error
 
     async def _serve(
-        self, request: RelayedRequest, model: ManagedModel, body: bytes
+        self, request: RelayedRequest, model: ManagedModel, body: bytes | Upload
     ) -> TrioserveError | None:
         """Run the upstream side (and progress comments); returns the error to report.
 
@@ -178,7 +212,9 @@ class Relay:
             # Progress comments only when this request may have to wait (a model not ready,
             # or no free slot): the extra task costs time to first byte otherwise
             # (docs/performance.md, "the per-chunk path").
-            may_wait = model.state is not State.READY or model.admission.would_wait(request.user)
+            may_wait = model.state is not State.READY or (
+                not request.api.light and model.admission.would_wait(request.user)
+            )
             if request.streaming and self.config.server.loading_progress and may_wait:
                 nursery.start_soon(send_progress, request, self.supervisor)
             try:
@@ -189,22 +225,20 @@ class Relay:
                 request.answering.set()
         return None
 
-    async def _upstream(self, request: RelayedRequest, model: ManagedModel, body: bytes) -> None:
-        """A slot, a lease on the ready model, the exchange with it; ``first_byte_timeout``
-        bounds all of it until the first byte of the answer."""
+    async def _upstream(
+        self, request: RelayedRequest, model: ManagedModel, body: bytes | Upload
+    ) -> None:
+        """A slot (light requests take none: they never wait behind a generation), a lease on
+        the ready model, the exchange with it; ``first_byte_timeout`` bounds all of it until
+        the first byte of the answer."""
         server = self.config.server
         with trio.move_on_at(request.start_clock + server.first_byte_timeout) as first_byte:
-            async with model.admission.slot(request.user) as waited:
-                self.usage.waited(request.user, model.name, waited)
-                done = False
-                try:
-                    async with self.supervisor.lease(model) as lease:
-                        await self._forward(request, lease.endpoint, body, first_byte)
-                        done = True
-                except UpstreamError:
-                    # The model went away after its answer was complete: nothing was lost.
-                    if not done:
-                        raise
+            if request.api.light:
+                await self._leased(request, model, body, first_byte)
+            else:
+                async with model.admission.slot(request.user) as waited:
+                    self.usage.waited(request.user, model.name, waited)
+                    await self._leased(request, model, body, first_byte)
         if first_byte.cancelled_caught:
             raise RequestTimeout(
                 f"no response from model {model.name!r} within first_byte_timeout "
@@ -212,14 +246,47 @@ class Relay:
                 "upstream request was aborted"
             )
 
+    async def _leased(
+        self,
+        request: RelayedRequest,
+        model: ManagedModel,
+        body: bytes | Upload,
+        first_byte: trio.CancelScope,
+    ) -> None:
+        done = False
+        try:
+            async with self.supervisor.lease(model) as lease:
+                await self._forward(request, lease.endpoint, body, first_byte)
+                done = True
+        except UpstreamError:
+            # The model went away after its answer was complete: nothing was lost.
+            if not done:
+                raise
+
     async def _forward(
         self,
         request: RelayedRequest,
         endpoint: Endpoint,
-        body: bytes,
+        body: bytes | Upload,
         first_byte: trio.CancelScope,
     ) -> None:
-        response = await self.pool.request(endpoint, request.scope["path"], body)
+        scope = request.scope
+        if isinstance(body, Upload):
+            response = await self.pool.request(
+                endpoint, request.target, _UploadBody(body, request), content_type=body.content_type
+            )
+        else:
+            content_type: bytes | None = JSON
+            if request.api.passthrough:
+                # Passed through as the client sent it (a GET has none).
+                content_type = header(scope, b"content-type") or (JSON if body else None)
+            response = await self.pool.request(
+                endpoint,
+                request.target,
+                body,
+                method=scope["method"].encode(),
+                content_type=content_type,
+            )
         try:
             first = await response.receive_some()
             if request.assemble is None:
@@ -240,25 +307,30 @@ class Relay:
         """Stream the answer to the client, or read it whole for ``_send_last``."""
         out = request.out
         status = response.status
+        idle = self.config.server.stream_idle_timeout
         if out.started:
             # Progress comments already began a 200 SSE response: an upstream error can only
             # be told as a final error event now.
             if status != 200:
-                text = await self._read_whole(request, response, first)
+                text = await answer.read_whole(request, response, first, idle)
                 raise UpstreamError(
                     f"model {request.model!r} answered {status}: "
                     + text.decode("utf-8", "replace")[:500]
                 )
-            await self._stream(request, response, first)
+            await answer.stream(request, response, first, idle)
         elif request.streaming and status == 200:
             await out.start(200, self._headers(response))
-            await self._stream(request, response, first)
+            await answer.stream(request, response, first, idle)
         elif request.assemble is not None:
-            request.reply = await self._assemble(request, response, first)
+            request.reply = await answer.assemble(request, response, first, idle)
+        elif request.api.passthrough or (status == 200 and not _is_json(response)):
+            # A model server's own pages, or a binary answer (audio): sent on as they come.
+            await out.start(status, self._headers(response))
+            await answer.pipe(request, response, first, idle)
         else:
             # Non-streaming answers are read whole before we answer, so an upstream that dies
             # half-way gives the client a clean 502 rather than truncated JSON.
-            payload = await self._read_whole(request, response, first)
+            payload = await answer.read_whole(request, response, first, idle)
             headers = self._headers(response)
             headers.append((b"content-length", str(len(payload)).encode()))
             request.reply = (status, headers, payload)
@@ -271,97 +343,6 @@ class Relay:
             headers.append((b"x-accel-buffering", b"no"))
             headers.append(CLOSE)
         return headers
-
-    async def _stream(
-        self, request: RelayedRequest, response: UpstreamResponse, first: bytes
-    ) -> None:
-        """Send what each upstream read brought, in one send, until the answer ends."""
-        idle = self.config.server.stream_idle_timeout
-        out = request.out
-        chunk = first
-        usage = StreamUsage()
-        ended = False
-        try:
-            with IdleDeadline(idle) as gap:
-                while chunk:
-                    usage.feed(chunk)
-                    await out.send_body(chunk)
-                    # Time a slow client took is not the model's silence.
-                    gap.touch()
-                    chunk = await response.receive_some()
-                    gap.touch()
-            ended = not gap.expired
-        finally:
-            # A complete answer counts its usage, or none when it had none. Only an answer
-            # cut short (client gone, deadline, crash) counts an estimate of what was
-            # generated until then (``StreamUsage.counted``).
-            request.usage = usage.usage() if ended else usage.counted()
-        if gap.expired:
-            raise RequestTimeout(
-                f"model {request.model!r} sent nothing for stream_idle_timeout "
-                f"({idle:g}s); the upstream request was aborted"
-            )
-
-    async def _read_whole(
-        self, request: RelayedRequest, response: UpstreamResponse, first: bytes
-    ) -> bytes:
-        """The whole answer, ``first`` and the rest of it: where an answer is collected."""
-        idle = self.config.server.stream_idle_timeout
-        parts = [first]
-        with IdleDeadline(idle) as gap:
-            async for chunk in response:
-                parts.append(chunk)
-                gap.touch()
-        if gap.expired:
-            raise RequestTimeout(
-                f"model {request.model!r} stalled for stream_idle_timeout ({idle:g}s)"
-            )
-        return b"".join(parts)
-
-    async def _assemble(
-        self, request: RelayedRequest, response: UpstreamResponse, first: bytes
-    ) -> tuple[int, Headers, bytes]:
-        """The non-streaming answer, assembled from the stream the request was turned into."""
-        assert request.assemble is not None
-        content_type = next(
-            (
-                value.decode("latin-1")
-                for key, value in response.headers
-                if key.lower() == b"content-type"
-            ),
-            "",
-        )
-        assembler = Assembler(request.assemble, response.status, content_type)
-        idle = self.config.server.stream_idle_timeout
-        chunk = first
-        ended = False
-        try:
-            with IdleDeadline(idle) as gap:
-                while chunk:
-                    assembler.feed(chunk)
-                    # Read on after [DONE]: a keep-alive connection goes back to the pool only
-                    # once its response has ended.
-                    chunk = await response.receive_some()
-                    gap.touch()
-            ended = not gap.expired
-        finally:
-            # As a stream's (``_stream``): the usage, or none; an estimate only for an
-            # answer cut short before its [DONE] (or error event): then its events are all
-            # answer chunks (``usage.generated``).
-            found = usage_of({"usage": assembler.usage})
-            if found is None and not (ended or assembler.done):
-                found = generated(assembler.events)
-            request.usage = found
-        if gap.expired:
-            raise RequestTimeout(
-                f"model {request.model!r} stalled for stream_idle_timeout ({idle:g}s)"
-            )
-        answer = assembler.result()
-        headers = [
-            (b"content-type", answer.content_type),
-            (b"content-length", str(len(answer.body)).encode()),
-        ]
-        return answer.status, headers, answer.body
 
     async def _send_last(self, request: RelayedRequest) -> None:
         """The last sends, outside the scope the disconnect watcher cancels: Hypercorn queues
@@ -383,6 +364,14 @@ class Relay:
         self.metrics.error(model, error.code)
         if isinstance(error, RequestTimeout):
             self.metrics.cancelled(model)
+        if request.unread is not None and not request.body_read.is_set():
+            # The upload stopped being read (its model was starting, or the request waited for
+            # a slot): Hypercorn's queue of body messages is full, and it would wait, inside
+            # our answer's last send, to queue the end of the request there; a client that
+            # sends its whole body before reading (httpx, the SDKs) would wait for its own
+            # timeout. The rest of the body (bounded by max_upload_bytes) is read and dropped.
+            with trio.move_on_after(UPLOAD_DRAIN_TIMEOUT):
+                await _discard_body(request.unread)
         await request.out.fail(error)
 
 
@@ -398,6 +387,45 @@ def _admit(request: RelayedRequest, budget: UserBudget) -> None:
         raise RateLimited(
             request.user.name, refusal.budget, refusal.limit, refusal.used, refusal.retry_after
         )
+
+
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+
+
+class _UploadBody:
+    """An upload as the pool sends it. Once the last of it is sent, the client's body has
+    been read, and from then on the disconnect watcher listens to the client. (An iterator,
+    not an async generator: one left half-read, when the model stops reading, needs no
+    closing.)"""
+
+    def __init__(self, upload: Upload, request: RelayedRequest) -> None:
+        self.length = upload.length
+        self._chunks = upload.chunks()
+        self._read = request.body_read
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            self._read.set()
+            raise
+
+
+def _is_json(response: UpstreamResponse) -> bool:
+    return any(
+        name.lower() == b"content-type" and value.startswith(b"application/json")
+        for name, value in response.headers
+    )
 
 
 def _client_host(request: RelayedRequest) -> str | None:

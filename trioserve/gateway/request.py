@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from trioserve.errors import InvalidRequest, RequestTooLarge
+from trioserve.gateway.apis import Api
 from trioserve.gateway.asgi import Receive, Scope, header
 from trioserve.gateway.assemble import Kind
 from trioserve.gateway.downstream import Downstream, Headers
@@ -28,7 +29,10 @@ class RelayedRequest:
 
     scope: Scope
     out: Downstream
+    api: Api
     model: str = ""
+    # The path and query asked of the model server (``/upstream`` strips its prefix).
+    target: str = ""
     streaming: bool = False
     user: User = ANONYMOUS
     # Set when a non-streaming request goes upstream as a stream, to be assembled back.
@@ -42,9 +46,16 @@ class RelayedRequest:
     # A whole answer (non-streaming): sent after the upstream side is done, in two sends,
     # outside the scope the client's disconnect cancels.
     reply: tuple[int, Headers, bytes] | None = None
+    # Set once the client's body has been read to its end: until then an upload's body is
+    # still coming from ``receive``, and it is the upload that sees a disconnect.
+    body_read: trio.Event = field(default_factory=trio.Event)
+    # An upload's ``receive``, whose rest may still be unread when the request fails.
+    unread: Receive | None = None
 
     async def watch_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` (everything this request does upstream) once the client goes."""
+        if not self.body_read.is_set():
+            await self.body_read.wait()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":

@@ -22,7 +22,8 @@ stop generating. The relay's cancel scopes are the deadlines; nothing here times
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 import trio
@@ -32,20 +33,29 @@ from trioserve.errors import UpstreamError
 if TYPE_CHECKING:
     from trioserve.supervision.model import Endpoint
 
-__all__ = ["KeepAlivePool", "UpstreamConnection", "UpstreamResponse"]
+__all__ = ["JSON", "KeepAlivePool", "StreamedBody", "UpstreamConnection", "UpstreamResponse"]
 
 # As much as one read takes: 64 KiB, as httpcore read.
 READ_SIZE = 65536
-# Besides Host and Content-Length. No Accept-Encoding: a compressed answer would be relayed
-# without its Content-Encoding. Nothing else either: no cookies, nothing of one user's
-# exchange reaches another's.
-_UPSTREAM_HEADERS = [(b"content-type", b"application/json")]
+# A request's only headers besides Host and Content-Length: its Content-Type. No
+# Accept-Encoding: a compressed answer would be relayed without its Content-Encoding. Nothing
+# else either: no cookies, nothing of one user's exchange reaches another's.
+JSON = b"application/json"
 # Copied from the upstream response; hop-by-hop and length headers are the gateway's to set.
 _PASSED_HEADERS = frozenset({b"content-type", b"cache-control", b"x-request-id"})
 
 _Key = tuple[str, int]
 # Looked up once, not per event of the body loop.
 _Data, _EndOfMessage, _NEED_DATA = h11.Data, h11.EndOfMessage, h11.NEED_DATA
+
+
+class StreamedBody(Protocol):
+    """A request body sent as it arrives (an upload), of a length known up front."""
+
+    @property
+    def length(self) -> int: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 class _ClosedBeforeAnswer(Exception):
@@ -245,30 +255,61 @@ class KeepAlivePool:
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
-    async def request(self, endpoint: Endpoint, path: str, body: bytes) -> UpstreamResponse:
-        """POST ``body`` (JSON) to ``path`` on ``endpoint``; returns once the response head is
-        in. The caller must ``close()`` the response."""
-        connection = self._take_idle((endpoint.host, endpoint.port))
-        if connection is not None:
-            try:
-                return await self._exchange(connection, endpoint, path, body)
-            except _ClosedBeforeAnswer:
-                # A connection the backend closed while it was idle (llama-server closes after
-                # every stream, yet advertises keep-alive): the request was not processed, so
-                # once more on a fresh connection is safe.
-                pass
+    async def request(
+        self,
+        endpoint: Endpoint,
+        path: str,
+        body: bytes | StreamedBody,
+        *,
+        method: bytes = b"POST",
+        content_type: bytes | None = JSON,
+    ) -> UpstreamResponse:
+        """Send ``body`` to ``path`` (with its query string, if any) on ``endpoint``; returns
+        once the response head is in. The caller must ``close()`` the response."""
+        if isinstance(body, bytes):
+            connection = self._take_idle((endpoint.host, endpoint.port))
+            if connection is not None:
+                try:
+                    return await self._exchange(
+                        connection, endpoint, method, path, content_type, body
+                    )
+                except _ClosedBeforeAnswer:
+                    # A connection the backend closed while it was idle (llama-server closes
+                    # after every stream, yet advertises keep-alive): the request was not
+                    # processed, so once more on a fresh connection is safe.
+                    pass
+        # A streamed body can be sent only once: always on a fresh connection.
         connection = await UpstreamConnection.open(endpoint)
         try:
-            return await self._exchange(connection, endpoint, path, body)
+            return await self._exchange(connection, endpoint, method, path, content_type, body)
         except _ClosedBeforeAnswer as exc:
             raise UpstreamError(f"model {endpoint.model!r} closed the connection: {exc}") from None
 
     async def _exchange(
-        self, connection: UpstreamConnection, endpoint: Endpoint, path: str, body: bytes
+        self,
+        connection: UpstreamConnection,
+        endpoint: Endpoint,
+        method: bytes,
+        path: str,
+        content_type: bytes | None,
+        body: bytes | StreamedBody,
     ) -> UpstreamResponse:
+        state = connection.h11
+        length = len(body) if isinstance(body, bytes) else body.length
+        head = [
+            (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
+            *([(b"content-type", content_type)] if content_type is not None else []),
+            (b"content-length", str(length).encode()),
+        ]
         try:
-            await _send_request(connection, _request_bytes(connection.h11, endpoint, path, body))
-            head = await _receive_head(connection)
+            request = state.send(h11.Request(method=method, target=path.encode(), headers=head))
+            assert request is not None
+            if isinstance(body, bytes):
+                await _send_request(connection, _with_body(state, request, body))
+            else:
+                await _send_request(connection, request)
+                await _send_streamed(connection, body)
+            head_in = await _receive_head(connection)
         except BaseException as exc:
             connection.close()
             if isinstance(exc, OSError | trio.ClosedResourceError | h11.ProtocolError):
@@ -276,7 +317,7 @@ class KeepAlivePool:
                     f"model {endpoint.model!r} closed the connection: {_reason(exc)}"
                 ) from exc
             raise
-        return UpstreamResponse(head, connection, self, endpoint.model)
+        return UpstreamResponse(head_in, connection, self, endpoint.model)
 
     def _take_idle(self, key: _Key) -> UpstreamConnection | None:
         idle = self._idle.get(key)
@@ -334,23 +375,24 @@ class KeepAlivePool:
         await trio.lowlevel.checkpoint()
 
 
-def _request_bytes(state: h11.Connection, endpoint: Endpoint, path: str, body: bytes) -> bytes:
+def _with_body(state: h11.Connection, head: bytes, body: bytes) -> bytes:
     """The request's head and body, to go out in one write."""
-    head = state.send(
-        h11.Request(
-            method=b"POST",
-            target=path.encode(),
-            headers=[
-                (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
-                *_UPSTREAM_HEADERS,
-                (b"content-length", str(len(body)).encode()),
-            ],
-        )
-    )
-    data = state.send_with_data_passthrough(h11.Data(data=body)) or []
+    data = (state.send_with_data_passthrough(h11.Data(data=body)) or []) if body else []
     end = state.send(h11.EndOfMessage())
-    assert head is not None and not end  # Content-Length framing: nothing after the body
+    assert not end  # Content-Length framing: nothing after the body
     return b"".join([head, *data])
+
+
+async def _send_streamed(connection: UpstreamConnection, body: StreamedBody) -> None:
+    """The body as the client sends it, each piece written as it arrives. A backend that
+    stops reading (it answered early, or died) fails the write: an ``OSError``."""
+    state = connection.h11
+    async for chunk in body.chunks():
+        data = state.send_with_data_passthrough(h11.Data(data=chunk))
+        if data:
+            await connection.write(b"".join(data))
+    end = state.send(h11.EndOfMessage())
+    assert not end
 
 
 async def _send_request(connection: UpstreamConnection, data: bytes) -> None:

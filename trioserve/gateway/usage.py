@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeGuard
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -23,6 +24,7 @@ from trioserve.sharing.identity import ANONYMOUS_NAME, User
 __all__ = [
     "StreamUsage",
     "UsageBook",
+    "UsageKind",
     "UserTotals",
     "generated",
     "usage_in_body",
@@ -35,6 +37,11 @@ __all__ = [
 # many choices, is a few KB.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 _WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# Which API a stream speaks, for ``StreamUsage``: OpenAI's chat and text completions (the
+# default), the Responses API, Anthropic's Messages, or llama.cpp's own ``/completion`` (and
+# ``/infill``), whose every event counts ``tokens_evaluated`` and ``tokens_predicted``.
+UsageKind = Literal["chat", "completion", "responses", "messages", "native"]
 
 
 @dataclass(slots=True)
@@ -146,63 +153,100 @@ class UsageBook:
 
 
 def usage_of(answer: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI answer or chunk object, if it has usage."""
+    """(prompt, completion) tokens from an answer, chunk or event object, if it has usage:
+    OpenAI's ``usage`` (``prompt_tokens``, ``completion_tokens``; an embedding's or rerank's
+    has no completion), the Responses and Messages APIs' (``input_tokens``,
+    ``output_tokens``; also in a Responses event's ``response`` and ``message_start``'s
+    ``message``), llama.cpp's own ``tokens_evaluated`` and ``tokens_predicted``."""
     if not isinstance(answer, dict):
         return None
     usage = answer.get("usage")
+    if usage is None:
+        if "tokens_predicted" in answer:
+            return _counts(answer.get("tokens_evaluated", 0), answer["tokens_predicted"])
+        inner = answer.get("response") or answer.get("message")
+        if isinstance(inner, dict):
+            usage = inner.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens", 0)
-    completion = usage.get("completion_tokens", 0)
-    if not (_count(prompt) and _count(completion)):
-        return None
-    return prompt, completion
+    if "input_tokens" in usage or "output_tokens" in usage:
+        prompt = usage.get("input_tokens", 0)
+        # Anthropic counts the prompt tokens read from its cache, and those written to it,
+        # apart from input_tokens (OpenAI's counts include them): all of them were the prompt.
+        for key in _CACHED_INPUT:
+            cached = usage.get(key)
+            if _count(cached) and _count(prompt):
+                prompt += cached
+        return _counts(prompt, usage.get("output_tokens", 0))
+    return _counts(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
 
 def usage_in_body(body: bytes) -> tuple[int, int] | None:
-    """The usage of a whole JSON answer (None when it is not JSON or has none)."""
-    if b'"usage"' not in body:
+    """The usage of a whole JSON answer (None when it is not JSON or has none). A JSON list
+    (llama.cpp's ``/completion`` for several prompts: one result each) counts them all."""
+    if b'"usage"' not in body and b'"tokens_predicted"' not in body:
         return None
     try:
-        return usage_of(json.loads(body))
+        answer = json.loads(body)
     except (ValueError, RecursionError):
         return None
+    if not isinstance(answer, list):
+        return usage_of(answer)
+    found = [usage for usage in map(usage_of, answer) if usage is not None]
+    if not found:
+        return None
+    return sum(prompt for prompt, _ in found), sum(completion for _, completion in found)
 
 
 def usage_in_stream_tail(tail: bytes) -> tuple[int, int] | None:
-    """The usage in the last ``data:`` event that has one, within some complete events."""
-    for event in reversed(tail.replace(b"\r\n", b"\n").split(b"\n\n")):
-        line = event.strip()
-        if not line.startswith(b"data:") or b'"usage"' not in line:
-            continue
-        try:
-            found = usage_of(json.loads(line[5:]))
-        except (ValueError, RecursionError):
-            continue
-        if found is not None:
-            return found
-    return None
+    """The usage in the last event that has one, within some complete events."""
+    found = _last_event(tail, b'"usage"')
+    return usage_of(found) if found is not None else None
 
 
 class StreamUsage:
     """Finds a streamed answer's usage as its chunks go by: the last complete event that
     carries one, however long it is (llama-server's final event has its ``timings``; ``n``
     choices make it longer still). No per-chunk JSON: a chunk is searched for the end of an
-    event and for ``"usage"``, and only the event that has it is kept."""
+    event and for ``"usage"``, and only the event that has it is kept.
 
-    __slots__ = ("_event", "_found", "_last", "_skipping", "events")
+    ``kind`` is the API the stream speaks (``UsageKind``; None: OpenAI's chat or completions).
+    A Responses stream has its usage in its last event, ``response.completed``; a Messages
+    stream has the input tokens in ``message_start`` and the output tokens in the last
+    ``message_delta``: the first event with usage is kept too, for that kind. llama.cpp's own
+    stream counts the tokens in every event (``"tokens_predicted"`` is looked for instead).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_event",
+        "_first",
+        "_found",
+        "_kind",
+        "_last",
+        "_marker",
+        "_needle",
+        "_skipping",
+        "events",
+    )
+
+    def __init__(self, kind: UsageKind | None = None) -> None:
+        self._kind: UsageKind = kind if kind is not None else "chat"
+        self._needle = b'"tokens_predicted"' if kind == "native" else b'"usage"'
+        # What counts the tokens generated: one C-level scan per read (a marker split between
+        # two reads is missed, which an estimate can afford). Every `data:` line of an OpenAI
+        # or llama.cpp stream is one; of the others, their deltas only, by their quoted type
+        # (a quote inside a JSON string is escaped: the text generated cannot match it).
+        self._marker = _TOKEN_MARKER.get(self._kind, b"data:")
         self._event = bytearray()  # the event in progress: everything after the last blank line
-        self._found = b""  # the last complete event that mentions "usage"
+        self._found = b""  # the last complete event that mentions the needle, and those after
+        # Messages: the first such event (message_start) and those after; b"" until found.
+        self._first: bytes | None = b"" if kind == "messages" else None
         self._skipping = False  # the event in progress outgrew MAX_EVENT_BYTES
-        self._last = b""  # the last read: whether the stream got to its [DONE] (``whole``)
-        # `data:` lines seen: what `counted()` falls back on (one C-level scan per read; a
-        # marker split between two reads is missed, which an estimate can afford).
-        self.events = 0
+        self._last = b""  # the last read: whether the stream got to its end (``whole``)
+        self.events = 0  # token events seen: what `counted()` falls back on
 
     def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data:")
+        self.events += chunk.count(self._marker)
         self._last = chunk
         event = self._event
         if not event:
@@ -210,9 +254,11 @@ class StreamUsage:
             # end is copied.
             end = _after_last_blank_line(chunk, len(chunk))
             if end >= 0:
-                at = _last_usage(chunk, 0, end)
+                at = _last_usage(chunk, 0, end, self._needle)
                 if at >= 0:
                     self._found = chunk[max(_after_last_blank_line(chunk, at), 0) : end]
+                    if self._first == b"":
+                        self._keep_first(chunk, 0, end)
                 if end < len(chunk):
                     event += chunk[end:]
                 return
@@ -222,10 +268,12 @@ class StreamUsage:
             if end >= 0:
                 # The rest of an event too long to keep ends at the first blank line.
                 start = _after_first_blank_line(event) if self._skipping else 0
-                at = _last_usage(event, start, end)
+                at = _last_usage(event, start, end, self._needle)
                 if at >= 0:
                     begins = max(_after_last_blank_line(event, at), start)
                     self._found = bytes(event[begins:end])
+                    if self._first == b"":
+                        self._keep_first(event, start, end)
                 self._skipping = False
                 del event[:end]
         if len(event) > MAX_EVENT_BYTES:
@@ -233,33 +281,74 @@ class StreamUsage:
             self._skipping = True
             del event[:-3]
 
+    def _keep_first(self, data: bytes | bytearray, start: int, end: int) -> None:
+        """Keeps the first event with usage in ``data[start:end]`` (there is one)."""
+        at = data.find(self._needle, start, end)
+        self._first = bytes(data[max(_after_last_blank_line(data, at), start) : end])
+
     def usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) from the last event with usage; also an unterminated last
-        event (a stream that ended without its blank line)."""
-        if not self._skipping and b'"usage"' in self._event:
-            found = usage_in_stream_tail(bytes(self._event))
-            if found is not None:
-                return found
-        return usage_in_stream_tail(self._found) if self._found else None
+        """(prompt, completion) from the last event with usage (and for Messages, the
+        first); also an unterminated last event (a stream that ended without its blank
+        line)."""
+        needle = self._needle
+        found: Any = None
+        if not self._skipping and needle in self._event:
+            found = _last_event(bytes(self._event), needle)
+        if found is None and self._found:
+            found = _last_event(self._found, needle)
+        if self._kind != "messages":
+            return usage_of(found)
+        # Cumulative counts: the last message_delta's replace message_start's, as the
+        # anthropic SDK merges them.
+        if not isinstance(found, dict) or found.get("type") != "message_delta":
+            return None
+        merged = dict(self._start_usage())
+        delta = found.get("usage")
+        if isinstance(delta, dict):
+            merged.update((key, value) for key, value in delta.items() if value is not None)
+        return usage_of({"usage": merged})
+
+    def _start_usage(self) -> dict[str, Any]:
+        """The usage ``message_start`` reported (the input tokens); {} before it came."""
+        start = _first_event(self._first, self._needle) if self._first else None
+        if not isinstance(start, dict) or start.get("type") != "message_start":
+            return {}
+        message = start.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else None
+        return usage if isinstance(usage, dict) else {}
 
     @property
     def whole(self) -> bool:
-        """True once the last read ended in ``data: [DONE]``: every event of the answer came."""
+        """True once the stream got to its end: the last read ended in ``data: [DONE]``;
+        the last event with usage is ``response.completed`` (or ``.incomplete``,
+        ``.failed``); the last read has ``message_stop``; the last event of llama.cpp's own
+        stream has ``"stop": true``. Then every event of the answer came."""
+        kind = self._kind
+        if kind == "responses":
+            head = self._found[:_HEAD_BYTES]
+            return any(end in head for end in _RESPONSE_ENDS)
+        if kind == "messages":
+            return b'"message_stop"' in self._last
+        if kind == "native":
+            found = _last_event(self._found, self._needle) if self._found else None
+            return isinstance(found, dict) and found.get("stop") is True
         return _ends_in_done(self._last)
 
     def counted(self) -> tuple[int, int] | None:
         """What an answer cut short (client gone, deadline, crash) is counted as: ``usage()``,
-        or else ``generated(events)``; but an answer that got to its ``[DONE]`` was whole,
-        and counts only its usage, as a complete answer does (see ``generated``)."""
+        or else ``generated(events)`` (with the prompt tokens ``message_start`` reported);
+        but an answer that got to its end was whole, and counts only its usage, as a
+        complete answer does (see ``generated``)."""
         found = self.usage()
         if found is not None or self.whole:
             return found
-        return generated(self.events)
+        prompt = usage_of({"usage": self._start_usage()}) if self._first else None
+        return generated(self.events, prompt[0] if prompt is not None else 0)
 
 
-def generated(events: int) -> tuple[int, int] | None:
+def generated(events: int, prompt: int = 0) -> tuple[int, int] | None:
     """(prompt, completion) tokens of a streamed answer cut short (client gone, deadline,
-    crash) before its usage, from its number of ``data:`` events. Only for those: a complete
+    crash) before its usage, from its number of token events. Only for those: a complete
     answer without usage counts none (the upstream said nothing of its tokens), and its
     ``[DONE]``, its finish and usage events are no tokens.
 
@@ -268,11 +357,26 @@ def generated(events: int) -> tuple[int, int] | None:
     or take one: OpenAI's and vLLM's first event, and llama-server's since late 2024, carry
     only the role. ``[DONE]`` is never among them: an answer that got it was whole.) vLLM
     with ``stream_options.continuous_usage_stats`` sends a usage in every event, and
-    ``usage()`` finds the last one: then that is exact. The prompt is not counted: without
-    the model's tokenizer the relay cannot tell its length (a budget then holds what was
+    ``usage()`` finds the last one: then that is exact. The prompt is counted only when the
+    stream told it before its end (``prompt``: Messages' ``message_start``): without the
+    model's tokenizer the relay cannot tell its length (a budget then holds what was
     generated).
     """
-    return (0, events) if events > 0 else None
+    return (prompt, events) if events > 0 or prompt > 0 else None
+
+
+# The tokens generated, one per event of these (every `data:` line of the others).
+_TOKEN_MARKER: Final[dict[str, bytes]] = {
+    # response.output_text.delta, .reasoning_text.delta, .function_call_arguments.delta, ...
+    "responses": b'.delta"',
+    "messages": b'"content_block_delta"',
+}
+# The Responses events that end a stream, with the response and its usage.
+_RESPONSE_ENDS: Final = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+# Where an event's type is: near its start (its `event:` line, the start of its data).
+_HEAD_BYTES: Final = 200
+# Anthropic's prompt tokens that input_tokens leaves out.
+_CACHED_INPUT: Final = ("cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 def _ends_in_done(chunk: bytes) -> bool:
@@ -283,6 +387,47 @@ def _ends_in_done(chunk: bytes) -> bool:
         return False
     before = tail[:-6].rstrip()
     return not before or before.endswith(b"data:")
+
+
+def _events_with(tail: bytes, needle: bytes) -> list[bytes]:
+    """The data of each event in ``tail`` that mentions ``needle``, in order."""
+    found = []
+    for event in tail.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if needle not in event:
+            continue
+        data = [
+            line[6:] if line[5:6] == b" " else line[5:]
+            for line in event.strip().split(b"\n")
+            if line.startswith(b"data:")
+        ]
+        if data:
+            found.append(b"\n".join(data))
+    return found
+
+
+def _parsed(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _last_event(tail: bytes, needle: bytes) -> Any:
+    """The last event in ``tail`` whose data mentions ``needle`` and has usage, parsed."""
+    for data in reversed(_events_with(tail, needle)):
+        parsed = _parsed(data)
+        if usage_of(parsed) is not None:
+            return parsed
+    return None
+
+
+def _first_event(tail: bytes, needle: bytes) -> Any:
+    """The first event in ``tail`` whose data mentions ``needle`` and parses, parsed."""
+    for data in _events_with(tail, needle):
+        parsed = _parsed(data)
+        if isinstance(parsed, dict):
+            return parsed
+    return None
 
 
 # A blank line ends an event: "\n\n", or with CRs "\n\r\n" (which "\r\n\r\n" ends in).
@@ -301,14 +446,26 @@ def _after_first_blank_line(data: bytearray) -> int:
     return min(ends) if ends else len(data)
 
 
-def _last_usage(data: bytes | bytearray, start: int, end: int) -> int:
-    """Where the last ``"usage"`` with a value (not ``null``, as OpenAI's chunks before the
-    last one have it) is in ``data[start:end]``; -1 when there is none."""
-    at = data.rfind(b'"usage"', start, end)
-    while at >= 0 and bytes(data[at + 7 : at + 14]).replace(b" ", b"").startswith(b":null"):
-        at = data.rfind(b'"usage"', start, at)
+def _last_usage(data: bytes | bytearray, start: int, end: int, needle: bytes) -> int:
+    """Where the last key ``needle`` (``"usage"``) with a value (not ``null``, as OpenAI's
+    chunks before the last one have it) is in ``data[start:end]``; -1 when there is none. A
+    string that is no key (a token ``usage`` is ``"usage"`` in its event) is not followed by
+    a colon."""
+    at = data.rfind(needle, start, end)
+    while at >= 0:
+        value = at + len(needle)
+        after = bytes(data[value : value + 7]).replace(b" ", b"")
+        if not after.startswith(b":null") and after.startswith(b":"):
+            return at
+        at = data.rfind(needle, start, at)
     return at
 
 
-def _count(value: object) -> bool:
+def _counts(prompt: object, completion: object) -> tuple[int, int] | None:
+    if _count(prompt) and _count(completion):
+        return prompt, completion
+    return None
+
+
+def _count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

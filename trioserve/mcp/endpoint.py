@@ -27,7 +27,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from trioserve import __version__
-from trioserve.config import ADMIN_USER_NAME, Config
+from trioserve.config import Config
 from trioserve.errors import InvalidApiKey, InvalidRequest, TrioserveError
 from trioserve.gateway.admin_access import AdminAccess
 from trioserve.gateway.asgi import (
@@ -46,16 +46,14 @@ from trioserve.mcp.resources import STATUS_URI, register_resources
 from trioserve.mcp.sessions import Sessions, TrioserveSessionManager
 from trioserve.mcp.tools import ToolDeps, model_names, register_tools
 from trioserve.mcp.views import Views
-from trioserve.sharing.identity import User, identify
+from trioserve.sharing.identity import ADMIN_USER, identify
 from trioserve.supervision.events import Lagged
 from trioserve.supervision.supervisor import Supervisor
 
-__all__ = ["ADMIN_USER", "McpEndpoint"]
+__all__ = ["McpEndpoint"]
 
 log = logging.getLogger(__name__)
 
-# The user an admin session's model calls are made as (for fair share, budgets and usage).
-ADMIN_USER = User(key=f"name:{ADMIN_USER_NAME}", name=ADMIN_USER_NAME)
 # Retry-After of the 503 beyond max_sessions: sessions end by DELETE or the idle timeout.
 RETRY_AFTER_S = 5
 _KEY_HEADERS = (b"authorization", b"x-api-key")

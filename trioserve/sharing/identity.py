@@ -13,10 +13,18 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from trioserve.config import RESERVED_USER_NAME, Config
+from trioserve.config import ADMIN_USER_NAME, RESERVED_USER_NAME, Config
 from trioserve.errors import InvalidApiKey
 
-__all__ = ["ANONYMOUS", "ANONYMOUS_NAME", "User", "bearer_token", "identify", "keys_required"]
+__all__ = [
+    "ADMIN_USER",
+    "ANONYMOUS",
+    "ANONYMOUS_NAME",
+    "User",
+    "bearer_token",
+    "identify",
+    "keys_required",
+]
 
 ANONYMOUS_NAME = RESERVED_USER_NAME
 # A `user` string longer than this is hashed for its scheduling key: the key lives as long as
@@ -37,6 +45,8 @@ class User:
 
 # The identity of a request that carries none (and of `slot()` with no user).
 ANONYMOUS = User(key=ANONYMOUS_NAME)
+# Calls made with an admin credential where no /v1 key is (an admin MCP session, /upstream).
+ADMIN_USER = User(key=f"name:{ADMIN_USER_NAME}", name=ADMIN_USER_NAME)
 
 
 def keys_required(config: Config) -> bool:

@@ -8,16 +8,26 @@ send; JSON is built with string formatting, never with ``json.dumps`` per chunk.
 Run it with ``python -m trioserve.backends.echo --port 8081``; ``--help`` lists the options that
 make it slow to start, slow to answer, or crash, for fault tests.
 
+It speaks every API llama-server speaks, so that trioserve's relay of each can be tested
+without a model: OpenAI's chat, completions, embeddings, Responses and audio; Anthropic's
+Messages; rerank; llama.cpp's own ``/completion``, ``/infill``, ``/tokenize``, ``/detokenize``,
+``/apply-template``, ``/slots``, ``/props`` and ``/metrics``.
+
 It runs as a child process of the daemon, so it imports nothing of the rest of trioserve. Its
 modules, pure ones first:
 
-- ``model``: what the model says (``reply_tokens``, ``embed``), whatever the API.
-- ``request``: what parsing every API's request shares, and ``RequestError``.
+- ``model``, ``vocab``: what the model says (``reply_tokens``, ``embed``), whatever the API, and
+  its tokenizer.
+- ``request``, ``wire``: what parsing every API's request shares, and ``RequestError``; what
+  their answers' bytes share.
 - ``generation``, ``replies``: chat and completions (the request, then the answer's bytes);
   ``generation``'s docstring lists the request fields and test triggers they understand.
-- ``embeddings``: ``/v1/embeddings``.
-- ``asgi``, ``app``: the ASGI application (routes, delays, disconnects, counters); its
-  docstring says how an API is added.
+- ``work``: what the app needs of any generated answer (``Work``).
+- one module per later API: ``embeddings``, ``responses``, ``messages``, ``native``
+  (``/completion``, ``/infill``), ``rerank``, ``transcription``, ``speech``, ``tokens``
+  (tokenize, detokenize, apply-template), ``status`` (slots, props, metrics).
+- ``asgi``, ``runner``, ``app``: the ASGI application (routes; the timing of generations:
+  delays, disconnects, counters); ``app``'s docstring says how an API is added.
 - ``options``, ``server``, ``cli``: options and counters, serving with Hypercorn, the command
   line (``__main__``).
 """

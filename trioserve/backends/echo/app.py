@@ -1,11 +1,13 @@
-"""The echo server's ASGI 3 application: routes, the model's loading time, and the timing of
-every answer (delays, disconnects, the crash trigger, the counters).
+"""The echo server's ASGI 3 application: routes, and the model's loading time.
 
 The answers themselves are built by pure modules, one per API: ``generation`` and ``replies``
-(chat and completions), ``embeddings``. Adding an API is a module of that kind (parse the body,
-raising ``RequestError``; build the answer's bytes) plus a handler and a line in ``_routes``
-here. A generated answer goes through ``_generate``, so that its delays, disconnects and
-counters are those of every other.
+(chat and completions), ``embeddings``, ``responses``, ``messages``, ``native`` (llama.cpp's
+``/completion`` and ``/infill``), ``rerank``, ``transcription``, ``speech``, ``tokens``,
+``status``. Adding an API is a module of that kind (parse the body, raising ``RequestError``;
+build the answer's bytes) plus a line in ``_routes`` here: a light answer (``_light``), sent at
+once, never behind a generation; or a generated one (``_generated``: the module's ``Work``),
+which ``runner.Generations`` times, so that its delays, disconnects and counters are those of
+every other.
 
 A streamed request that asks for usage is what trioserve sends upstream for a client's
 non-streaming request; ``--response-delay`` therefore applies to it too, before its headers,
@@ -15,37 +17,65 @@ so that a slow non-streaming answer stays slow when it is relayed as a stream.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from trioserve.backends.echo.asgi import (
-    DisconnectWatcher,
-    read_body,
-    send_json,
-    start_json,
-    start_sse,
-)
+from trioserve.backends.echo.asgi import feed_body, read_body, send_json
 from trioserve.backends.echo.embeddings import embeddings_answer
-from trioserve.backends.echo.generation import Generation, parse_generation
+from trioserve.backends.echo.messages import count_tokens_answer, parse_messages
+from trioserve.backends.echo.native import parse_completion, parse_infill
 from trioserve.backends.echo.options import EchoOptions, EchoStats
-from trioserve.backends.echo.replies import Reply, plain_stream
-from trioserve.backends.echo.request import RequestError, error_body
+from trioserve.backends.echo.request import RequestError
+from trioserve.backends.echo.rerank import rerank_answer
+from trioserve.backends.echo.responses import input_tokens_answer, parse_responses
+from trioserve.backends.echo.runner import Generations
+from trioserve.backends.echo.speech import parse_speech
+from trioserve.backends.echo.status import (
+    metrics_answer,
+    props_answer,
+    slot_action_answer,
+    slots_answer,
+)
+from trioserve.backends.echo.tokens import (
+    apply_template_answer,
+    detokenize_answer,
+    tokenize_answer,
+)
+from trioserve.backends.echo.transcription import Task, TranscriptionWork, Upload
+from trioserve.backends.echo.work import Answer, Work, parse_chat, parse_completions
 
-__all__ = ["EchoApp", "build_app"]
+__all__ = ["EchoApp", "Request", "build_app"]
 
-_Handler = Callable[[bytes, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+# llama-server's route for a slot's actions: /slots/{id}?action=...
+_SLOT_PREFIX: Final = "/slots/"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a handler is given of the request."""
+
+    path: str
+    query: dict[str, str]
+    content_type: str
+    body: bytes  # empty for a route that reads the body itself
+
+
+_Handler = Callable[[Request, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
 class _Route:
     method: str
     handler: _Handler
-    needs_model: bool  # answers 503 while the model is "loading", as llama-server does
+    needs_model: bool = True  # answers 503 while the model is "loading", as llama-server does
+    llama_errors: bool = True  # refusals in llama-server's shape; the first APIs: OpenAI's
+    reads_body: bool = True  # False: the handler reads the body as it arrives
 
 
 class EchoApp:
@@ -54,9 +84,8 @@ class EchoApp:
     def __init__(self, options: EchoOptions) -> None:
         self.options = options
         self.stats = EchoStats()
-        self._chunks_sent = 0
+        self._generations = Generations(options, self.stats)
         self._ready_at: float | None = None
-        self._model_json = json.dumps(options.model_name)
         self._models_body = json.dumps(
             {
                 "object": "list",
@@ -70,13 +99,44 @@ class EchoApp:
                 ],
             }
         ).encode()
+        stats, light, pure, generated = self.stats, self._light, self._pure, self._generated
+        rerank = _Route("POST", pure(rerank_answer))
         self._routes: dict[str, _Route] = {
-            "/health": _Route("GET", self._health, needs_model=False),
-            "/stats": _Route("GET", self._stats, needs_model=False),
-            "/v1/models": _Route("GET", self._models, needs_model=True),
-            "/v1/chat/completions": _Route("POST", self._chat, needs_model=True),
-            "/v1/completions": _Route("POST", self._completions, needs_model=True),
-            "/v1/embeddings": _Route("POST", self._embeddings, needs_model=True),
+            "/health": _Route("GET", light(self._health), needs_model=False, llama_errors=False),
+            "/stats": _Route(
+                "GET", light(lambda _: stats.to_json()), needs_model=False, llama_errors=False
+            ),
+            "/v1/models": _Route("GET", light(lambda _: self._models_body), llama_errors=False),
+            "/v1/chat/completions": _Route("POST", generated(parse_chat), llama_errors=False),
+            "/v1/completions": _Route("POST", generated(parse_completions), llama_errors=False),
+            "/v1/embeddings": _Route(
+                "POST",
+                light(lambda request: embeddings_answer(request.body, options.model_name)),
+                llama_errors=False,
+            ),
+            "/v1/responses": _Route("POST", generated(parse_responses)),
+            "/v1/responses/input_tokens": _Route("POST", pure(input_tokens_answer)),
+            "/v1/messages": _Route("POST", generated(parse_messages)),
+            "/v1/messages/count_tokens": _Route("POST", pure(count_tokens_answer)),
+            "/v1/rerank": rerank,
+            "/v1/reranking": rerank,
+            "/rerank": rerank,
+            "/reranking": rerank,
+            "/v1/audio/transcriptions": self._upload("transcribe"),
+            "/v1/audio/translations": self._upload("translate"),
+            "/v1/audio/speech": _Route("POST", generated(parse_speech)),
+            "/completion": _Route("POST", generated(parse_completion)),
+            "/completions": _Route("POST", generated(parse_completion)),
+            "/infill": _Route("POST", generated(parse_infill)),
+            "/tokenize": _Route("POST", pure(tokenize_answer)),
+            "/detokenize": _Route("POST", pure(detokenize_answer)),
+            "/apply-template": _Route("POST", pure(apply_template_answer)),
+            "/slots": _Route(
+                "GET", light(lambda request: slots_answer(options, stats, request.query))
+            ),
+            _SLOT_PREFIX: _Route("POST", light(self._slot_action)),
+            "/props": _Route("GET", light(lambda _: props_answer(options))),
+            "/metrics": _Route("GET", light(lambda _: metrics_answer(options, stats))),
         }
 
     async def __call__(
@@ -105,135 +165,96 @@ class EchoApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _route(self, path: str) -> _Route | None:
+        route = self._routes.get(path)
+        if route is None and path.startswith(_SLOT_PREFIX):
+            return self._routes[_SLOT_PREFIX]
+        return route
+
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        route = self._routes.get(scope["path"])
-        if route is None:
-            await send_json(send, 404, error_body(f"No route for {scope['path']}.", "not_found"))
-            return
-        if scope["method"] != route.method:
-            message = f"{scope['path']} only accepts {route.method}."
-            await send_json(send, 405, error_body(message, "method_not_allowed"))
-            return
-        if route.needs_model and self._loading:
-            body = error_body("Loading model", "model_loading", "unavailable_error")
-            await send_json(send, 503, body)
-            return
-        request_body = await read_body(receive)
-        if request_body is None:
-            return
+        path = scope["path"]
+        route = self._route(path)
         try:
-            await route.handler(request_body, receive, send)
+            if route is None:
+                # As the echo always answered it; llama-server says "File Not Found".
+                raise RequestError(404, f"No route for {path}.", "not_found")
+            if scope["method"] != route.method:
+                message = f"{path} only accepts {route.method}."
+                raise RequestError(405, message, "method_not_allowed")
+            if route.needs_model and self._loading:
+                raise RequestError(503, "Loading model", "model_loading", "unavailable_error")
+            body = b""
+            if route.reads_body:
+                read = await read_body(receive)
+                if read is None:
+                    return
+                body = read
+            headers = dict(scope["headers"])
+            request = Request(
+                path,
+                dict(parse_qsl(scope["query_string"].decode("latin-1"))),
+                headers.get(b"content-type", b"").decode("latin-1"),
+                body,
+            )
+            await route.handler(request, receive, send)
         except RequestError as error:
-            # Handlers raise only while parsing, before their first send.
-            await send_json(send, error.status, error.body)
+            # Raised only while parsing, before a handler's first send.
+            shaped = route is not None and route.llama_errors
+            await send_json(send, error.status, error.llama_body if shaped else error.body)
 
-    async def _health(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if self._loading:
-            await send_json(send, 503, b'{"status":"loading"}')
-        else:
-            await send_json(send, 200, b'{"status":"ok"}')
+    def _light(self, answer: Callable[[Request], bytes | Answer]) -> _Handler:
+        """A handler that sends ``answer(request)`` at once (bytes: a 200 JSON answer)."""
 
-    async def _stats(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        await send_json(send, 200, self.stats.to_json())
+        async def handler(
+            request: Request, receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            answered = answer(request)
+            if isinstance(answered, bytes):
+                answered = Answer(200, answered)
+            await send_json(send, answered.status, answered.body, answered.content_type)
 
-    async def _models(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        await send_json(send, 200, self._models_body)
+        return handler
 
-    async def _embeddings(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        await send_json(send, 200, embeddings_answer(body, self.options.model_name))
+    def _pure(self, answer: Callable[[bytes, EchoOptions], bytes]) -> _Handler:
+        """A handler that sends ``answer(body, options)`` at once: an API's pure module."""
+        return self._light(lambda request: answer(request.body, self.options))
 
-    async def _chat(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        await self._generate(parse_generation("chat", body, self.options.tokens), receive, send)
+    def _generated(self, parse: Callable[[bytes, EchoOptions], Work]) -> _Handler:
+        """A handler that generates ``parse(body, options)``, timed by ``Generations``."""
 
-    async def _completions(
-        self, body: bytes, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        generation = parse_generation("completion", body, self.options.tokens)
-        await self._generate(generation, receive, send)
+        async def handler(
+            request: Request, receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            await self._generations.run(parse(request.body, self.options), receive, send)
 
-    async def _generate(
-        self, generation: Generation, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        self.stats.started += 1
-        ident = f"{'chatcmpl' if generation.kind == 'chat' else 'cmpl'}-echo{self.stats.started}"
-        finished = False
-        try:
-            watcher = DisconnectWatcher(receive)
-            last_body = b""
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watcher.run, nursery.cancel_scope)
-                # An error before the stream (echo_error_after 0) is an HTTP status, as
-                # llama-server answers when a streamed task fails before its first token.
-                if generation.stream and generation.error_after != 0:
-                    last_body = await self._stream(generation, ident, send)
-                else:
-                    last_body = await self._compute(generation, ident, send)
-                nursery.cancel_scope.cancel()
-            if watcher.client_left:
+        return handler
+
+    def _upload(self, task: Task) -> _Route:
+        """The route of an audio upload: the body is hashed as it arrives, then transcribed."""
+
+        async def handler(
+            request: Request, receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            upload = Upload(request.content_type)
+            if not await feed_body(receive, upload.feed):
                 return
-            # The last send stays outside the watched scope: hypercorn delivers http.disconnect
-            # from inside it once the response is complete, and a cancellation could land in the
-            # middle of hypercorn's connection recycling and break keep-alive.
-            await send({"type": "http.response.body", "body": last_body, "more_body": False})
-            finished = True
-        finally:
-            # Whatever stopped a generation early (the client leaving, the server shutting
-            # down) counts as cancelled, so that no generation is ever unaccounted for.
-            if finished:
-                self.stats.completed += 1
-            else:
-                self.stats.cancelled += 1
+            upload.finish()
+            await self._generations.run(TranscriptionWork.of(upload, task), receive, send)
 
-    async def _compute(self, generation: Generation, ident: str, send: ASGISendCallable) -> bytes:
-        """Sleeps as long as the whole generation takes, sends the headers, returns the body."""
-        options = self.options
-        tokens = generation.count
-        if generation.error_after is not None:
-            tokens = min(tokens, generation.error_after)
-        delay = options.response_delay + options.token_delay * tokens
-        if delay > 0:
-            await trio.sleep(delay)
-        reply = Reply(generation, ident, int(time.time()), options.model_name)
-        status, body = reply.answer()
-        await start_json(send, status, len(body))
-        return body
+        return _Route("POST", handler, reads_body=False)
 
-    async def _stream(self, generation: Generation, ident: str, send: ASGISendCallable) -> bytes:
-        """Sends the headers and one chunk per token (per choice); returns the stream's end."""
-        options = self.options
-        if generation.include_usage and options.response_delay > 0:
-            # Likely a non-streaming request that trioserve relays as a stream: see the
-            # module's docstring.
-            await trio.sleep(options.response_delay)
-        await start_sse(send)
-        created = int(time.time())
-        events: Iterable[bytes]
-        if generation.plain:
-            events, end = plain_stream(generation, ident, created, self._model_json)
-        else:
-            events, end = Reply(generation, ident, created, options.model_name).stream()
-        delay = options.token_delay
-        crash_after = options.crash_after
-        for chunk in events:
-            if delay > 0:
-                await trio.sleep(delay)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            self._chunks_sent += 1
-            if crash_after is not None and self._chunks_sent >= crash_after:
-                os._exit(1)  # abrupt on purpose: no cleanup, as a segfaulting llama-server
-        return end
+    def _health(self, request: Request) -> Answer:
+        return (
+            Answer(503, b'{"status":"loading"}')
+            if self._loading
+            else Answer(200, b'{"status":"ok"}')
+        )
+
+    def _slot_action(self, request: Request) -> bytes:
+        slot = request.path.removeprefix(_SLOT_PREFIX)
+        return slot_action_answer(self.options, slot, request.query)
 
 
 def build_app(options: EchoOptions) -> EchoApp:

@@ -1,54 +1,59 @@
-"""ASGI plumbing the app's handlers share: JSON and event-stream answers, the request body, and
-noticing that the client left."""
+"""ASGI plumbing the app's handlers share: whole answers, the request body (whole, or fed to a
+parser as it arrives), and noticing that the client left."""
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-__all__ = ["DisconnectWatcher", "read_body", "send_json", "start_json", "start_sse"]
+__all__ = ["DisconnectWatcher", "feed_body", "read_body", "send_json", "start_json"]
 
-_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+JSON = b"application/json"
 
 
-async def start_json(send: ASGISendCallable, status: int, length: int) -> None:
-    """The head of a JSON answer of ``length`` bytes."""
+async def start_json(
+    send: ASGISendCallable, status: int, length: int, content_type: bytes = JSON
+) -> None:
+    """The head of a whole answer of ``length`` bytes (JSON unless ``content_type`` says)."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", content_type),
                 (b"content-length", str(length).encode()),
             ],
         }
     )
 
 
-async def send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
-    """A whole JSON answer."""
-    await start_json(send, status, len(body))
+async def send_json(
+    send: ASGISendCallable, status: int, body: bytes, content_type: bytes = JSON
+) -> None:
+    """A whole answer (JSON unless ``content_type`` says)."""
+    await start_json(send, status, len(body), content_type)
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def start_sse(send: ASGISendCallable) -> None:
-    """The head of a 200 event stream; its events follow as bodies with ``more_body``."""
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+async def feed_body(receive: ASGIReceiveCallable, feed: Callable[[bytes], None]) -> bool:
+    """Hand each piece of the request body to ``feed`` as it arrives; False if the client left
+    before sending all of it."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        if message["type"] == "http.request":
+            feed(message["body"])
+            if not message["more_body"]:
+                return True
 
 
 async def read_body(receive: ASGIReceiveCallable) -> bytes | None:
     """The request body, or None if the client left before sending all of it."""
     parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        if message["type"] == "http.request":
-            parts.append(message["body"])
-            if not message["more_body"]:
-                return b"".join(parts)
+    return b"".join(parts) if await feed_body(receive, parts.append) else None
 
 
 class DisconnectWatcher:

@@ -87,6 +87,13 @@ def parse_args(argv: Iterable[str] | None = None) -> EchoOptions:
         "one that asks for usage: how trioserve relays a non-streaming request)",
     )
     parser.add_argument("--model-name", default="echo", help="model id in answers (default: echo)")
+    parser.add_argument(
+        "--parallel",
+        type=_positive_int,
+        default=4,
+        help="slots that /slots, /props and /metrics report, as llama-server's --parallel; "
+        "generations beyond them are shown as deferred but never wait (default: 4)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     return EchoOptions(
         host=args.host,
@@ -97,6 +104,7 @@ def parse_args(argv: Iterable[str] | None = None) -> EchoOptions:
         crash_after=args.crash_after,
         response_delay=args.response_delay,
         model_name=args.model_name,
+        parallel=args.parallel,
     )
 
 

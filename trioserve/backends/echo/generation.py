@@ -11,7 +11,9 @@ As an OpenAI server does, these requests also understand:
 - ``stream_options.include_usage``: usage comes in a last chunk of its own (``"choices": []``),
   not in the chunk with ``finish_reason`` (where it is otherwise, as llama-server puts it).
 
-and two test triggers of their own, in the request body:
+and two test triggers of their own, in the request body (every API that generates text
+understands them; ``responses``, ``messages`` and ``native`` say what their failed stream ends
+with):
 
 - ``echo_error_after: N``: the answer fails after N tokens with llama-server's error shape
   ``{"error": {"code": C, "message", "type"}}``: as the HTTP status C when N is 0 or the request
@@ -26,7 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from trioserve.backends.echo.model import usage
-from trioserve.backends.echo.request import RequestError, optional_int, parse_json
+from trioserve.backends.echo.request import (
+    RequestError,
+    error_trigger,
+    optional_int,
+    parse_json,
+)
+from trioserve.backends.echo.wire import content_text
 
 __all__ = ["Generation", "GenerationKind", "parse_generation"]
 
@@ -79,6 +87,7 @@ def parse_generation(kind: GenerationKind, body: bytes, tokens: int) -> Generati
             raise RequestError(400, f"'{key}' must be an integer.", "invalid_max_tokens")
         count = max(0, min(count, limit))
     options = payload.get("stream_options")
+    error_after, error_code = error_trigger(payload)
     return Generation(
         kind,
         _input_text(kind, payload),
@@ -88,21 +97,9 @@ def parse_generation(kind: GenerationKind, body: bytes, tokens: int) -> Generati
         tools=_called_tools(payload) if kind == "chat" else (),
         logprobs=_asked_logprobs(kind, payload),
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-        error_after=optional_int(payload, "echo_error_after", 0, 1 << 30),
-        error_code=optional_int(payload, "echo_error_code", 400, 599) or 500,
+        error_after=error_after,
+        error_code=error_code,
     )
-
-
-def _message_text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": "..."}]
-        return " ".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _input_text(kind: GenerationKind, payload: dict[str, Any]) -> str:
@@ -112,7 +109,7 @@ def _input_text(kind: GenerationKind, payload: dict[str, Any]) -> str:
             raise RequestError(400, "'messages' must be a list of messages.", "invalid_messages")
         for message in reversed(messages):
             if isinstance(message, dict) and message.get("role") == "user":
-                return _message_text(message.get("content"))
+                return content_text(message.get("content"))
         return ""
     prompt = payload.get("prompt", "")
     if isinstance(prompt, str):

@@ -19,11 +19,13 @@ class EchoOptions:
     crash_after: int | None = None
     response_delay: float = 0.0
     model_name: str = "echo"
+    parallel: int = 4  # slots that /slots, /props and /metrics report; nothing waits for one
 
 
 @dataclass(slots=True)
 class EchoStats:
-    """Generations (chat and completions requests) by outcome.
+    """Generations (requests of every API that generates) by outcome, and the tokens of the
+    completed ones (for ``/metrics``).
 
     ``started == completed + cancelled + (generations in flight)`` holds at every moment.
     """
@@ -31,6 +33,13 @@ class EchoStats:
     started: int = 0
     completed: int = 0
     cancelled: int = 0
+    prompt_tokens: int = 0
+    predicted_tokens: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Generations started and neither completed nor cancelled yet."""
+        return self.started - self.completed - self.cancelled
 
     def to_json(self) -> bytes:
         """The counters as the ``/stats`` endpoint answers them."""

@@ -16,19 +16,11 @@ from typing import Any, Final
 
 from trioserve.backends.echo.generation import Generation, GenerationKind
 from trioserve.backends.echo.model import reply_tokens
+from trioserve.backends.echo.wire import ERROR_TYPES
 
 __all__ = ["ChunkFormat", "Reply", "plain_stream"]
 
 _DONE: Final = b"data: [DONE]\n\n"
-# Error types of llama-server's error objects, by status (``echo_error_code``).
-_ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    501: "not_supported_error",
-    503: "unavailable_error",
-}
 
 
 def plain_stream(
@@ -143,7 +135,7 @@ class Reply:
         error = {
             "code": code,
             "message": f"echo: failed after {generation.error_after} tokens (echo_error_after)",
-            "type": _ERROR_TYPES.get(code, "server_error"),
+            "type": ERROR_TYPES.get(code, "server_error"),
         }
         return json.dumps({"error": error}, separators=(",", ":")).encode()
 
