@@ -5,15 +5,13 @@ daemon starts; test_echo_apis_native has llama.cpp's own APIs and the timing of 
 from __future__ import annotations
 
 import gc
-import json
 from typing import Any
 
 import anthropic
-import httpx
 import openai
 import pytest
 
-from tests.support.echo import echo_backend
+from tests.support.echo import echo_backend, events, llama_error
 
 # The keys of llama-server's answers (build 11434), in its order: /tmp/llama-samples.
 RESPONSE_KEYS = [
@@ -48,33 +46,6 @@ RESPONSE_CLOSING = [
     "response.output_item.done",
     "response.completed",
 ]
-
-
-def events(text: str) -> list[tuple[str | None, Any]]:
-    """The events of a whole event stream: (the ``event:`` line's name or None, the data)."""
-    assert text.endswith("\n\n"), text[-200:]
-    parsed: list[tuple[str | None, Any]] = []
-    for block in text.removesuffix("\n\n").split("\n\n"):
-        name, data = None, None
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            else:
-                assert line.startswith("data: "), block
-                data = line.removeprefix("data: ")
-        assert data is not None, block
-        parsed.append((name, json.loads(data)))
-    return parsed
-
-
-def llama_error(response: httpx.Response, status: int, kind: str) -> str:
-    """``response`` is llama-server's error answer of ``status``; returns its message."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert list(error) == ["code", "message", "type"], error
-    assert (error["code"], error["type"]) == (status, kind)
-    assert isinstance(error["message"], str)
-    return error["message"]
 
 
 async def test_responses_answer_is_what_its_stream_assembles() -> None:

@@ -6,22 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import trio
 
-from tests.support.echo import echo_backend
+from tests.support.echo import echo_backend, llama_error
 
 TEXTS = ["Say hi", "hello  world\n\tand more", "héllo wörld, 日本語 😀!", "", "   "]
-
-
-def llama_error(response: httpx.Response, status: int, kind: str) -> str:
-    """``response`` is llama-server's error answer of ``status``; returns its message."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert list(error) == ["code", "message", "type"], error
-    assert (error["code"], error["type"]) == (status, kind)
-    assert isinstance(error["message"], str)
-    return error["message"]
 
 
 def metric(text: str, name: str) -> float:

@@ -5,14 +5,13 @@ process the daemon starts."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from tests.support.echo import echo_backend
+from tests.support.echo import echo_backend, events, llama_error
 
 # The keys of llama-server's /completion answer (build 11434), in its order.
 COMPLETION_KEYS = [
@@ -41,33 +40,6 @@ GENERATING: dict[str, tuple[str, dict[str, Any]]] = {
     "completion": ("/completion", {"prompt": "hello world"}),
     "infill": ("/infill", {"input_prefix": "hello", "input_suffix": "world"}),
 }
-
-
-def events(text: str) -> list[tuple[str | None, Any]]:
-    """The events of a whole event stream: (the ``event:`` line's name or None, the data)."""
-    assert text.endswith("\n\n"), text[-200:]
-    parsed: list[tuple[str | None, Any]] = []
-    for block in text.removesuffix("\n\n").split("\n\n"):
-        name, data = None, None
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            else:
-                assert line.startswith("data: "), block
-                data = line.removeprefix("data: ")
-        assert data is not None, block
-        parsed.append((name, json.loads(data)))
-    return parsed
-
-
-def llama_error(response: httpx.Response, status: int, kind: str) -> str:
-    """``response`` is llama-server's error answer of ``status``; returns its message."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert list(error) == ["code", "message", "type"], error
-    assert (error["code"], error["type"]) == (status, kind)
-    assert isinstance(error["message"], str)
-    return error["message"]
 
 
 async def test_native_completion_and_infill() -> None:

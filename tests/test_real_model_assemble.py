@@ -10,8 +10,6 @@ both generations the same. Skipped, with the reason, when the binary or the GGUF
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.ports import free_port
-from tests.support.real_model import llama_cmd, needs_real_model
-from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembled, Assembler, upstream_body
+from tests.support.real_model import needs_real_model, started_llama, upstream_stream
+from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembled, Assembler
 
 pytestmark = needs_real_model()
 
-START_TIMEOUT = 60.0
 SHORT_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 LONG_PROMPT = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
 # Deterministic: greedy sampling, and no reuse of the previous request's KV cache.
@@ -36,53 +32,20 @@ _PER_GENERATION = ("id", "created", "timings")
 
 @pytest.fixture
 def llama_url(tmp_path: Path) -> Iterator[str]:
-    """A llama-server of the test's own (no test leaves a child behind), on a free loopback
-    port; stopped and reaped after the test."""
-    port = free_port()
+    """A llama-server of the test's own, stopped and reaped after the test."""
     log = tmp_path / "llama-server.log"
-    argv = llama_cmd(port, parallel=2)  # n = 2 generates its choices side by side
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        with httpx.Client(base_url=url, trust_env=False, timeout=5) as client:
-            while True:
-                assert process.poll() is None, f"llama-server exited:\n{log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, f"not ready:\n{log.read_text()[-2000:]}"
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)  # polling a starting child is the honest tool here
+    with started_llama(log, parallel=2) as url:  # n = 2 generates its choices side by side
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def both_ways(url: str, path: str, body: dict[str, Any]) -> tuple[httpx.Response, Assembled]:
     """llama-server's non-streaming answer to ``body``, and the assembly of its stream."""
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=120) as client:
         whole = await client.post(path, json=body)
-        async with client.stream(
-            "POST",
-            path,
-            content=upstream_body(ASSEMBLED_PATHS[path], body),
-            headers={"content-type": "application/json"},
-        ) as response:
-            assembler = Assembler(
-                ASSEMBLED_PATHS[path], response.status_code, response.headers["content-type"]
-            )
-            async for chunk in response.aiter_raw():
-                assembler.feed(chunk)
+        status, content_type, reads = await upstream_stream(client, path, body)
+    assembler = Assembler(ASSEMBLED_PATHS[path], status, content_type)
+    for read in reads:
+        assembler.feed(read)
     return whole, assembler.result()
 
 

@@ -13,8 +13,6 @@ usage). Skipped, with the reason, when the binary or the GGUF is missing
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,49 +23,21 @@ import httpx2  # the anthropic SDK's own copy of httpx
 import pytest
 from anthropic.types import Message
 
-from tests.support.ports import free_port
-from tests.support.real_model import llama_cmd, needs_real_model
+from tests.support.real_model import needs_real_model, started_llama, upstream_stream
 from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembled, Assembler, upstream_body
 from trioserve.gateway.usage import StreamUsage, usage_in_body
 
 pytestmark = needs_real_model()
 
-START_TIMEOUT = 60.0
 PROMPT = "Write one short sentence about coffee."
 LONG = "hello " * 3000  # over the 2048 tokens a slot has
 
 
 @pytest.fixture
 def llama_url(tmp_path: Path) -> Iterator[str]:
-    """A llama-server of the test's own (no test leaves a child behind), on a free loopback
-    port; stopped and reaped after the test. (As test_real_model_assemble.py's.)"""
-    port = free_port()
-    log = tmp_path / "llama-server.log"
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            llama_cmd(port), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        with httpx.Client(base_url=url, trust_env=False, timeout=5) as client:
-            while True:
-                assert process.poll() is None, f"llama-server exited:\n{log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, f"not ready:\n{log.read_text()[-2000:]}"
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)  # polling a starting child is the honest tool here
+    """A llama-server of the test's own, stopped and reaped after the test."""
+    with started_llama(tmp_path / "llama-server.log") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Both:
@@ -90,14 +60,7 @@ async def both_ways(url: str, path: str, body: dict[str, Any]) -> tuple[Both, As
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=120) as client:
         await client.post(path, json=body)  # the prompt cache as the two others find it
         whole = await client.post(path, json=body)
-        async with client.stream(
-            "POST",
-            path,
-            content=upstream_body(ASSEMBLED_PATHS[path], body),
-            headers={"content-type": "application/json"},
-        ) as response:
-            reads = [chunk async for chunk in response.aiter_raw()]
-            status, content_type = response.status_code, response.headers["content-type"]
+        status, content_type, reads = await upstream_stream(client, path, body)
     both = Both(whole, b"".join(reads), reads, path)
     return both, both.assembled(status, content_type)
 

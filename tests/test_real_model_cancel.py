@@ -25,10 +25,15 @@ import httpx
 import pytest
 import trio
 
-from tests.support.config import make_config
 from tests.support.daemon import running_daemon
 from tests.support.http import RawConnection, assert_openai_error, raw_post
-from tests.support.real_model import MODEL, llama_model, missing
+from tests.support.real_model import (
+    MODEL,
+    busy_for,
+    llama_config,
+    missing,
+    wait_until_generating,
+)
 from tests.support.status import load_model
 
 _MISSING = missing()
@@ -46,48 +51,12 @@ RUNS = 5
 # From the hang-up or the 504 to a free slot, at most (the issue's bound is 0.2 s, measured by
 # bench/cancel.py; here the test shares its trio run with the daemon).
 FREED_WITHIN = 1.0
-POLL_INTERVAL = 0.02
 LONG_PROMPT = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
 SHORT_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 # ~58 tokens/s on the 2-core machine: ~20 s, far longer than any run here waits.
 LONG = {"model": MODEL, "messages": LONG_PROMPT, "max_tokens": 1200, "ignore_eos": True}
 # Deterministic: greedy sampling, and no reuse of the previous request's KV cache.
 SAME = {"temperature": 0, "cache_prompt": False}
-
-
-def llama_config(state_dir: Path, **server: Any) -> Any:
-    """One llama-server slot behind trioserve, ``stream_upstream`` as by default."""
-    return make_config(state_dir, {MODEL: llama_model(parallel=1)}, server=server or None)
-
-
-async def slots(direct: httpx.AsyncClient) -> list[dict[str, Any]]:
-    """llama-server's own view of its slots."""
-    response = await direct.get("/slots")
-    response.raise_for_status()
-    result: list[dict[str, Any]] = response.json()
-    return result
-
-
-def decoded(slot: dict[str, Any]) -> int:
-    return int(slot.get("next_token", [{}])[0].get("n_decoded", 0))
-
-
-async def wait_until_generating(direct: httpx.AsyncClient, tokens: int = 5) -> None:
-    """Until slot 0 has generated ``tokens`` tokens: prompt done, the answer under way."""
-    with trio.fail_after(30):
-        while True:
-            slot = (await slots(direct))[0]
-            if slot["is_processing"] and decoded(slot) >= tokens:
-                return
-            await trio.sleep(POLL_INTERVAL)
-
-
-async def busy_for(direct: httpx.AsyncClient, since: float, *, within: float = 30) -> float:
-    """Seconds from ``since`` until no slot is processing, polled every POLL_INTERVAL."""
-    with trio.fail_after(within):
-        while any(slot["is_processing"] for slot in await slots(direct)):
-            await trio.sleep(POLL_INTERVAL)
-    return trio.current_time() - since
 
 
 def report(what: str, figures: list[float]) -> str:
@@ -109,7 +78,7 @@ async def test_a_hang_up_of_a_non_streaming_request_frees_the_slot(state_dir: Pa
             for _ in range(RUNS):
                 connection = await RawConnection.open(info.url)
                 assert await connection.send(raw_post(LONG))
-                await wait_until_generating(direct)
+                await wait_until_generating(direct, tokens=5)
                 await connection.aclose()
                 figures.append(await busy_for(direct, trio.current_time()))
     print(report("hang-up", figures))

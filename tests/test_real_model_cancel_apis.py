@@ -35,10 +35,18 @@ import httpx
 import pytest
 import trio
 
-from tests.support.config import make_config
 from tests.support.daemon import running_daemon
 from tests.support.http import RawConnection, raw_post
-from tests.support.real_model import MODEL, llama_model, needs_real_model
+from tests.support.real_model import (
+    MODEL,
+    POLL_INTERVAL,
+    busy_for,
+    decoded,
+    llama_config,
+    needs_real_model,
+    slots,
+    wait_until_generating,
+)
 from tests.support.status import load_model
 
 pytestmark = needs_real_model()
@@ -47,7 +55,6 @@ RUNS = 3
 # From the hang-up or the 504 to a free slot, at most (the issue's bound is 0.2 s, measured by
 # bench/cancel.py; here the test shares its trio run with the daemon).
 FREED_WITHIN = 1.0
-POLL_INTERVAL = 0.02
 # The 504s' deadlines: short, so that 12 of them take ~9 s, and yet well after llama-server's
 # first token (~0.1 s from the request with the prompt in its cache; each API's runs come one
 # after the other, after a warm-up that caches their prompt).
@@ -92,41 +99,6 @@ APIS = {
 # Every case: (api, streaming). An API's runs come one after the other, so that llama-server
 # finds their prompt in its cache (each API's template makes a prompt of its own).
 CASES = [(api, stream) for api in APIS for stream in (True, False)]
-
-
-def llama_config(state_dir: Path, **server: Any) -> Any:
-    """One llama-server slot behind trioserve, ``stream_upstream`` as by default."""
-    return make_config(state_dir, {MODEL: llama_model(parallel=1)}, server=server or None)
-
-
-async def slots(direct: httpx.AsyncClient) -> list[dict[str, Any]]:
-    """llama-server's own view of its slots."""
-    response = await direct.get("/slots")
-    response.raise_for_status()
-    result: list[dict[str, Any]] = response.json()
-    return result
-
-
-def decoded(slot: dict[str, Any]) -> int:
-    return int(slot.get("next_token", [{}])[0].get("n_decoded", 0))
-
-
-async def wait_until_generating(direct: httpx.AsyncClient, tokens: int = 2) -> None:
-    """Until slot 0 has generated ``tokens`` tokens: prompt done, the answer under way."""
-    with trio.fail_after(30):
-        while True:
-            slot = (await slots(direct))[0]
-            if slot["is_processing"] and decoded(slot) >= tokens:
-                return
-            await trio.sleep(POLL_INTERVAL)
-
-
-async def busy_for(direct: httpx.AsyncClient, since: float, *, within: float = 30) -> float:
-    """Seconds from ``since`` until no slot is processing, polled every POLL_INTERVAL."""
-    with trio.fail_after(within):
-        while any(slot["is_processing"] for slot in await slots(direct)):
-            await trio.sleep(POLL_INTERVAL)
-    return trio.current_time() - since
 
 
 async def record_decoded(direct: httpx.AsyncClient, seen: list[tuple[float, int]]) -> None:
@@ -222,7 +194,7 @@ async def test_a_hang_up_frees_the_slot(state_dir: Path) -> None:
                         connection = await RawConnection.open(info.url)
                         body = APIS[api].body(stream, LONG_TOKENS)
                         assert await connection.send(raw_post(body, path=APIS[api].path))
-                        await wait_until_generating(direct)
+                        await wait_until_generating(direct, tokens=2)
                         await connection.aclose()
                         figures[api, stream].append(await busy_for(direct, trio.current_time()))
     print(report("hang-up", figures))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import trio
@@ -81,3 +83,30 @@ async def echo_backend(*args: str, wait_healthy: bool = True) -> AsyncIterator[E
     finally:
         with trio.CancelScope(shield=True):
             await stop(process)
+
+
+def events(text: str) -> list[tuple[str | None, Any]]:
+    """The events of a whole event stream: (the ``event:`` line's name or None, the data)."""
+    assert text.endswith("\n\n"), text[-200:]
+    parsed: list[tuple[str | None, Any]] = []
+    for block in text.removesuffix("\n\n").split("\n\n"):
+        name, data = None, None
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            else:
+                assert line.startswith("data: "), block
+                data = line.removeprefix("data: ")
+        assert data is not None, block
+        parsed.append((name, json.loads(data)))
+    return parsed
+
+
+def llama_error(response: httpx.Response, status: int, kind: str) -> str:
+    """``response`` is llama-server's error answer of ``status``; returns its message."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert list(error) == ["code", "message", "type"], error
+    assert (error["code"], error["type"]) == (status, kind)
+    assert isinstance(error["message"], str)
+    return error["message"]

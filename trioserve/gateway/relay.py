@@ -364,7 +364,9 @@ class Relay:
         self.metrics.error(model, error.code)
         if isinstance(error, RequestTimeout):
             self.metrics.cancelled(model)
-        if request.unread is not None and not request.body_read.is_set():
+        # A stop that already cancelled the request: its error goes out at once, undrained.
+        shutting_down = trio.current_effective_deadline() == -math.inf
+        if request.unread is not None and not request.body_read.is_set() and not shutting_down:
             # The upload stopped being read (its model was starting, or the request waited for
             # a slot): Hypercorn's queue of body messages is full, and it would wait, inside
             # our answer's last send, to queue the end of the request there; a client that
