@@ -199,13 +199,18 @@ class DaemonClient:
         if isinstance(exc, httpx.TimeoutException):
             return ClientError(f"the daemon at {self.url} did not answer {path} in time")
         hint = ""
-        if isinstance(exc, httpx.RemoteProtocolError) and self.target.socket is None:
+        # A refused peer closes the connection: cleanly (RemoteProtocolError) or, with our
+        # request still unread on its side, with a reset (ReadError/WriteError) — timing decides.
+        hung_up = httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError
+        if isinstance(exc, hung_up) and self.target.socket is None:
             if self.target.ssl_context is None:
                 hint = " (if it serves HTTPS, use an https:// URL)"
             elif not self.target.client_cert:
                 # Under TLS 1.3 a refused client is often just hung up on, without an alert.
                 hint = " (it may want a client certificate: pass --client-cert and --client-key)"
-        return ClientError(f"talking to the daemon at {self.url} failed: {exc}{hint}")
+        # Some of httpx's errors carry no text (an EOF in the middle of TLS): say what it was.
+        what = str(exc) or f"the connection ended ({type(exc).__name__})"
+        return ClientError(f"talking to the daemon at {self.url} failed: {what}{hint}")
 
     def _tls_message(self, error: ssl.SSLError) -> str:
         if isinstance(error, ssl.SSLCertVerificationError):

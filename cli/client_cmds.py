@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import trio
@@ -35,11 +37,20 @@ NameArgument = Annotated[str, typer.Argument(help="model name or alias", show_de
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    """``trio.run`` with the client's errors as one line and exit 1."""
+    """``trio.run`` with the client's errors as one line and exit 1.
+
+    Ctrl-C comes out as KeyboardInterrupt, also when it hit a task inside a nursery (``_load``'s,
+    or the one ``trio.open_tcp_stream`` races its connection attempts in), which raises it
+    wrapped in a BaseExceptionGroup that no ``except KeyboardInterrupt`` would see.
+    """
     try:
         return trio.run(fn)
     except ClientError as exc:
         die(str(exc))
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        raise KeyboardInterrupt from group
 
 
 # -- models list -------------------------------------------------------------------------------
@@ -186,6 +197,35 @@ def new_lines(seen: Sequence[str], current: Sequence[str]) -> list[str]:
     return list(current)
 
 
+async def _until_ctrl_c(work: Callable[[], Awaitable[None]]) -> None:
+    """``await work()`` until SIGINT (Ctrl-C), which cancels it: then this returns normally.
+
+    SIGINT is received here rather than left to trio's KeyboardInterrupt, which cannot be relied
+    on to end ``logs --follow``: a process that starts with SIGINT ignored (as a non-interactive
+    shell's ``cmd &`` and all it starts) never gets one, since trio installs its handler only
+    over Python's default one; one raised inside a weakref callback (trio keeps every async
+    generator in a WeakSet) is printed as "ignored" and lost; one raised while httpx connects
+    comes out in a BaseExceptionGroup. A cancellation unwinds through all of that. A ClientError
+    of ``work`` is raised as it is, not wrapped in the nursery's group.
+    """
+    failure: list[ClientError] = []
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_ctrl_c() -> None:
+                async for _ in interrupts:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_on_ctrl_c)
+            try:
+                await work()
+            except ClientError as exc:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+
+
 @client_command
 def logs(
     client: ClientOptions,
@@ -218,7 +258,9 @@ def logs(
                 seen = current
 
     try:
-        _run(run)
+        # `_until_ctrl_c` turns Ctrl-C into a cancellation; at the very start or end of the run
+        # it may still arrive as KeyboardInterrupt.
+        _run(partial(_until_ctrl_c, run) if follow else run)
     except KeyboardInterrupt:
         # Ctrl-C is how --follow ends: not an error.
         return

@@ -1,5 +1,6 @@
 """The installed `trioserve` console script against a real daemon subprocess: status, stop,
-cleanup after a SIGKILLed daemon, cleanup beside a live one, logs --follow."""
+cleanup after a SIGKILLed daemon, cleanup beside a live one, logs --follow (and its Ctrl-C, also
+against a stand-in that never answers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.support.cli import run_trioserve
@@ -156,19 +159,61 @@ class LineReader:
         return lines
 
 
-def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_daemon: Any) -> None:
-    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
-    daemon = spawn_daemon(config, url)
-    daemon.load("echo")
-    follow = subprocess.Popen(
-        # The config names the daemon's state folder: where the command finds the local admin
-        # token that model logs need.
-        [str(TRIOSERVE_BIN), "logs", "echo", "--follow", "--url", url, "--config", str(config)],
+def spawn_follow(
+    url: str, config: Path, *, sigint_ignored: bool = False
+) -> subprocess.Popen[bytes]:
+    """``trioserve logs echo --follow`` against ``url``, its output piped. The config names the
+    state folder: where the command finds the local admin token that model logs need.
+
+    With ``sigint_ignored`` it starts with SIGINT ignored, as a command a non-interactive shell
+    puts in the background (``cmd &``) does, and with it everything that command starts: a test
+    run launched that way included (an ignored signal stays ignored across fork and exec).
+    """
+    command = [str(TRIOSERVE_BIN), "logs", "echo", "--follow", "--url", url]
+    command += ["--config", str(config)]
+    if sigint_ignored:
+        command = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *command]
+    return subprocess.Popen(
+        command,
         env=clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def stop_with_ctrl_c(follow: subprocess.Popen[bytes], within: float = 10) -> None:
+    """SIGINT to ``follow``, which must then exit 0 within ``within`` seconds, without a word
+    about the interrupt on stderr. Both pipes are drained meanwhile: a full one cannot hold the
+    exit up, and a failure shows what the command wrote."""
+    follow.send_signal(signal.SIGINT)
+    try:
+        _, err = follow.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        follow.kill()
+        _, err = follow.communicate()
+        stderr = err.decode(errors="replace")
+        pytest.fail(f"still running {within} s after SIGINT; stderr:\n{stderr}")
+    stderr = err.decode(errors="replace")
+    assert follow.returncode == 0, stderr
+    # Neither a traceback nor an "Exception ignored ... KeyboardInterrupt" (an interrupt lost).
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+def reap(follow: subprocess.Popen[bytes]) -> None:
+    if follow.poll() is None:
+        follow.kill()
+        follow.wait()
+    for stream in (follow.stdout, follow.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_daemon: Any) -> None:
+    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    daemon = spawn_daemon(config, url)
+    daemon.load("echo")
+    follow = spawn_follow(url, config)
     assert follow.stdout is not None
     reader = LineReader(follow.stdout.fileno())
     try:
@@ -189,14 +234,56 @@ def test_logs_follow_prints_only_new_lines_until_ctrl_c(tmp_path: Path, spawn_da
         # Nothing printed twice: exactly one new "starting" line and what followed it.
         assert starts(more) == 1
         assert not set(first) & set(more), (first, more)
-        follow.send_signal(signal.SIGINT)
-        assert follow.wait(timeout=10) == 0
-        assert follow.stderr is not None
-        assert b"Traceback" not in follow.stderr.read()
+        stop_with_ctrl_c(follow)
     finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.wait()
-        for stream in (follow.stdout, follow.stderr):
-            if stream is not None:
-                stream.close()
+        reap(follow)
+
+
+# Ctrl-C wherever the command is, against a stand-in for the daemon that never answers: no
+# model to load, and the moment of the signal is known. A request arrived means the command is
+# running (in trio.run) and waits for the answer; a connection in SYN_SENT, that it waits for
+# the connect.
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_logs_follow_exits_0_on_ctrl_c_while_its_request_waits(tmp_path: Path, sigint: str) -> None:
+    config, _ = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(20)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        follow = spawn_follow(url, config, sigint_ignored=sigint == "ignored")
+        try:
+            connection, _ = server.accept()
+            with connection:
+                connection.settimeout(20)
+                assert connection.recv(65536).startswith(b"GET /admin/models/echo/logs")
+                stop_with_ctrl_c(follow)
+        finally:
+            reap(follow)
+
+
+def test_logs_follow_exits_0_on_ctrl_c_while_it_connects(tmp_path: Path) -> None:
+    config, _ = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    # With its accept queue full (backlog 0 holds one connection, never accepted) the listener
+    # drops every further SYN: the command's connect stays in SYN_SENT, for its connect timeout.
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=0) as server,
+        socket.create_connection(server.getsockname(), timeout=5),
+    ):
+        port = server.getsockname()[1]
+        follow = spawn_follow(f"http://127.0.0.1:{port}", config)
+        try:
+            me = psutil.Process(follow.pid)
+            deadline = time.monotonic() + 20
+            while True:
+                assert follow.poll() is None, follow.communicate()
+                if any(
+                    conn.status == psutil.CONN_SYN_SENT and conn.raddr and conn.raddr.port == port
+                    for conn in me.net_connections("tcp4")
+                ):
+                    break
+                assert time.monotonic() < deadline, "no connect attempt within 20 s"
+                time.sleep(0.01)
+            stop_with_ctrl_c(follow)
+        finally:
+            reap(follow)

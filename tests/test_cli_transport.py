@@ -11,6 +11,8 @@ import json
 import os
 import socket
 import socketserver
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -644,3 +646,46 @@ def test_https_with_a_client_certificate(
         2,
         "trioserve: --client-key needs --client-cert (TRIOSERVE_CLIENT_CERT)\n",
     )
+
+
+@contextmanager
+def resetting_tls_server(certs: Certificates) -> Iterator[str]:
+    """An HTTPS port that completes the handshake, then resets the connection (as a server
+    refusing a client without a certificate can, under TLS 1.3, instead of an alert)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with listener:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except (OSError, ssl.SSLError):
+                    conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_a_reset_after_the_handshake_suggests_a_client_certificate(
+    certs: Certificates,
+) -> None:
+    with resetting_tls_server(certs) as url:
+        refused = invoke(["status", "--url", url, "--ca-cert", str(certs.ca_pem)])
+    assert refused.exit_code == 1
+    line = error_line(refused)
+    assert line.startswith(f"trioserve: talking to the daemon at {url} failed: "), line
+    assert "client certificate: pass --client-cert and --client-key" in line, line
