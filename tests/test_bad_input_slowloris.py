@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 
 import trioserve.daemon
-from tests.support.config import make_config
+from tests.support.config import echo_cmd, make_config
 from tests.support.daemon import leak_checked_daemon
-from tests.support.http import raw_address
+from tests.support.http import chat, raw_address
 from trioserve.server.hypercorn_serve import KEEP_ALIVE_TIMEOUT, hypercorn_config
 
 
@@ -97,6 +98,50 @@ async def test_slowloris_connections_are_closed_by_the_idle_timer(
         # Closed while still trickling, at the idle timeout, not before.
         assert all(2.0 <= after < 2.0 + 3.0 for after in closed_after), closed_after
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_keep_alive_connection_outlives_the_idle_timeout_while_used_then_closes(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same timer around requests (``hypercorn_serve._IdleTimer``): a request's head stops
+    # it, so an answer that takes longer than the timeout is not cut, and the answer's end
+    # starts it again, so a connection used every 0.6 s outlives a 1 s timeout and closes 1 s
+    # after its last answer, not before.
+    def shortened(config: Any) -> Any:
+        hyper = hypercorn_config(config)
+        hyper.keep_alive_timeout = 1
+        return hyper
+
+    monkeypatch.setattr(trioserve.daemon, "hypercorn_config", shortened)
+    slow = {"slow": {"cmd": echo_cmd("--response-delay", "1.5")}}
+    async with leak_checked_daemon(make_config(state_dir, slow)) as (info, _):
+        stream = await trio.open_tcp_stream(*raw_address(info.url))
+        async with stream:
+            http = h11.Connection(h11.CLIENT)
+
+            async def exchange(method: str, target: str, body: bytes = b"") -> None:
+                headers = [("host", "x"), ("content-length", str(len(body)))]
+                head = h11.Request(method=method, target=target, headers=headers)
+                await stream.send_all(
+                    http.send(head) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
+                )
+                while type(event := http.next_event()) is not h11.EndOfMessage:
+                    if event is h11.NEED_DATA:
+                        http.receive_data(await stream.receive_some(65536))
+                    elif isinstance(event, h11.Response):
+                        assert event.status_code == 200
+                http.start_next_cycle()
+
+            started = trio.current_time()
+            await exchange("POST", "/v1/chat/completions", json.dumps(chat("slow")).encode())
+            assert trio.current_time() - started > 1.5
+            for _ in range(2):
+                await trio.sleep(0.6)
+                await exchange("GET", "/v1/models")
+            answered = trio.current_time()
+            with trio.fail_after(10):
+                assert await stream.receive_some(65536) == b""
+            assert trio.current_time() - answered >= 1.0
 
 
 # A light probe, in its own process: N fresh connections, one GET /health each.

@@ -20,7 +20,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 from hypercorn.utils import ShutdownError, raise_shutdown, wrap_app
 
 from trioserve.config import parse_config
@@ -35,7 +35,7 @@ FOLLOWERS = {
     "hypercorn.trio.serve": "serve",
     # Its listeners are opened for serve by trioserve/server/listening.py (no Hypercorn names).
     "hypercorn.trio.run.worker_serve": "serve (and the listeners listening.py opens for it)",
-    "hypercorn.trio.tcp_server.TCPServer": "LeanTCPServer (protocol_send, run)",
+    "hypercorn.trio.tcp_server.TCPServer": "LeanTCPServer (protocol_send, run, idle_task)",
 }
 
 # Every Hypercorn callable hypercorn_serve.py calls or overrides: its parameters, and whether
@@ -48,6 +48,11 @@ CALLED = {
     "hypercorn.trio.tcp_server.TCPServer.run": ("self", True),
     "hypercorn.trio.tcp_server.TCPServer.protocol_send": ("self, event", True),
     "hypercorn.protocol.ProtocolWrapper.handle": ("self, event", True),
+    # _IdleTimer stands in for TCPServer.idle_task (a TrioSingleTask): the same two methods,
+    # called by TCPServer (its fingerprint above), its task spawned in the connection's group.
+    "hypercorn.trio.worker_context.TrioSingleTask.restart": ("self, task_group, action", True),
+    "hypercorn.trio.worker_context.TrioSingleTask.stop": ("self", True),
+    "hypercorn.trio.task_group.TaskGroup.spawn": ("self, func, args", False),
     "hypercorn.trio.lifespan.Lifespan.__init__": ("self, app, config, state", False),
     "hypercorn.trio.lifespan.Lifespan.handle_lifespan": ("self, *, task_status", True),
     "hypercorn.trio.lifespan.Lifespan.wait_for_startup": ("self", True),
@@ -152,6 +157,10 @@ async def test_tcp_server_keeps_the_attributes_lean_tcp_server_uses() -> None:
         assert "protocol" in inspect.getsource(TCPServer.run), (
             "TCPServer.run no longer sets self.protocol: LeanTCPServer uses it "
             "(handle(Closed())) and deletes it to cut the connection's reference cycle"
+        )
+        assert isinstance(server.idle_task, TrioSingleTask), (
+            "TCPServer.idle_task is no longer a TrioSingleTask: LeanTCPServer replaces it with "
+            "_IdleTimer, which has its interface (restart, stop)"
         )
         # Our own attribute must not shadow one of Hypercorn's.
         assert not hasattr(server, "_plain_socket"), (

@@ -25,7 +25,7 @@ from tests.support.echo import echo_backend, stop
 from tests.support.http import chat
 from tests.support.ports import free_port
 from trioserve.errors import UpstreamError
-from trioserve.gateway.upstream import KeepAlivePool
+from trioserve.gateway.upstream import KeepAlivePool, UpstreamConnection
 from trioserve.supervision.model import Endpoint
 
 PATH = "/v1/chat/completions"
@@ -318,3 +318,59 @@ async def test_upstream_requests_carry_no_cookies_and_ask_for_no_compression(
     assert all("gzip" not in h.get("accept-encoding", "") for h in seen), seen
     assert seen[0]["content-type"] == "application/json"
     assert seen[0]["host"].startswith("127.0.0.1:")
+
+
+async def test_a_connect_the_kernel_cannot_finish_at_once_is_waited_for() -> None:
+    # A listener whose accept queue is full (backlog 0: one connection) drops the next SYN, so
+    # that connect is still in progress when it returns: the slow path of upstream._connect,
+    # which otherwise finds loopback's handshake done at once. It completes once the queue has
+    # room (the SYN is sent again about a second later).
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        endpoint = Endpoint(model="m", host="127.0.0.1", port=port)
+        queued = await UpstreamConnection.open(endpoint)
+        opened: list[UpstreamConnection] = []
+
+        async def connect() -> None:
+            opened.append(await UpstreamConnection.open(endpoint))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not opened, "connected although the accept queue was full"
+            first, _ = await listener.accept()
+            with trio.fail_after(10):
+                second, _ = await listener.accept()
+        [connection] = opened
+        assert connection.sock.getpeername() == ("127.0.0.1", port)
+        for sock in (first, second):
+            sock.close()
+        queued.close()
+        connection.close()
+
+
+async def test_a_connection_the_backend_has_closed_is_not_kept_when_given_back() -> None:
+    # llama-server closes its connection after every stream while announcing keep-alive: such
+    # a connection is closed when its answer ends, not left for the next request to find dead.
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = Endpoint(model="m", host="127.0.0.1", port=listener.getsockname()[1])
+        async with KeepAlivePool(max_idle_per_backend=4, keepalive_expiry=60) as pool:
+            alive = await UpstreamConnection.open(endpoint)
+            alive_peer, _ = await listener.accept()
+            dead = await UpstreamConnection.open(endpoint)
+            dead_peer, _ = await listener.accept()
+            dead_peer.close()
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(dead.sock)  # its end is here
+            pool.give_back(dead)
+            assert pool.idle_count == 0
+            assert dead.sock.fileno() == -1
+            pool.give_back(alive)
+            assert pool.idle_count == 1
+            alive_peer.close()
