@@ -33,15 +33,15 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 # The suite in two runs. First all but the `quiet` tests, on PYTEST_WORKERS processes
-# (pytest-xdist; worksteal evens out the long tests). The serial suite waited on processes and
-# sockets half the time; in parallel it is CPU-bound (~6 min of CPU, mostly the Python start-up
-# of daemons, backends and CLI runs), so 3, 4 or 6 workers take about the same; 4 leaves room
-# for waits. Then the `quiet` tests alone, one at a time: they time what a loaded machine would
-# stretch (pyproject's markers). Both runs take PYTEST_ARGS. A run that selects nothing (exit
-# 5, e.g. a -k matching tests of one run only) is reported; it fails `make` only when the other
-# run selected nothing either.
+# (pytest-xdist; worksteal evens out the long tests). In parallel it is CPU-bound, mostly the
+# Python start-up of daemons, backends and CLI runs, but 4 workers left the 2 cores ~20 % idle
+# while tests waited on processes and sockets: 6 took 243 s where 4 took 268 s, and 8 no less
+# than 6 (2026-12-07). Then the `quiet` tests alone, one at a time: they time what a loaded
+# machine would stretch (pyproject's markers). Both runs take PYTEST_ARGS. A run that selects
+# nothing (exit 5, e.g. a -k matching tests of one run only) is reported; it fails `make` only
+# when the other run selected nothing either.
 pytest: $(VENV)/.installed-dev
-	@$(BIN)/pytest --skip-quiet --durations=12 $(PYTEST_ARGS) -n $${PYTEST_WORKERS:-4} --dist worksteal; \
+	@$(BIN)/pytest --skip-quiet --durations=12 $(PYTEST_ARGS) -n $${PYTEST_WORKERS:-6} --dist worksteal; \
 	parallel=$$?; \
 	if [ $$parallel -eq 2 ]; then exit 2; fi; \
 	$(BIN)/pytest --only-quiet $(PYTEST_ARGS) -n 0; \

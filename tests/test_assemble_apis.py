@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import anthropic
-import httpx2  # the SDK's own copy of httpx
 import pytest
 from anthropic.types import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.assembly import anthropic_final_message
 from trioserve.gateway.assemble import (
     ASSEMBLED_PATHS,
     Assembled,
@@ -63,17 +62,7 @@ def sse(*events: dict[str, Any]) -> bytes:
 
 def sdk_final_message(stream: bytes) -> dict[str, Any]:
     """The anthropic SDK's ``get_final_message()`` of ``stream``, as the SDK models it."""
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=stream)
-
-    http = httpx2.Client(transport=httpx2.MockTransport(handler))
-    client = anthropic.Anthropic(api_key="k", base_url="http://model", http_client=http)
-    with client.messages.stream(
-        model="m", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
-    ) as events:
-        final = events.get_final_message()
-    return as_sdk_sees(final)
+    return as_sdk_sees(anthropic_final_message(stream))
 
 
 def as_sdk_sees(message: Message) -> dict[str, Any]:

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import httpx
-import httpx2  # the anthropic SDK's own copy of httpx
 import pytest
 from anthropic.types import Message
 
+from tests.support.assembly import anthropic_final_message
 from tests.support.real_model import needs_real_model, started_llama, upstream_stream
 from trioserve.gateway.assemble import ASSEMBLED_PATHS, Assembled, Assembler, upstream_body
 from trioserve.gateway.usage import StreamUsage, usage_in_body
@@ -79,17 +78,8 @@ def same_usage(both: Both, assembled: Assembled) -> None:
 
 
 def sdk_final_message(stream: bytes) -> dict[str, Any]:
-    """The anthropic SDK's ``get_final_message()`` of ``stream``, as the SDK models it."""
-
-    def handler(request: httpx2.Request) -> httpx2.Response:
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=stream)
-
-    http = httpx2.Client(transport=httpx2.MockTransport(handler))
-    client = anthropic.Anthropic(api_key="k", base_url="http://model", http_client=http)
-    with client.messages.stream(
-        model="m", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
-    ) as events:
-        return events.get_final_message().model_dump(mode="json")
+    """The anthropic SDK's ``get_final_message()`` of ``stream``, as JSON."""
+    return anthropic_final_message(stream).model_dump(mode="json")
 
 
 async def test_responses_answer_is_llama_servers_own(llama_url: str) -> None:
