@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from trioserve.backends.echo.options import EchoOptions
-from trioserve.backends.echo.request import RequestError, error_trigger, parse_json, token_limit
+from trioserve.backends.echo.request import RequestError, parse_json
 from trioserve.backends.echo.wire import content_text, dumps, named_event, words
 from trioserve.backends.echo.work import Answer, TextWork
 
@@ -74,18 +74,8 @@ def parse_messages(body: bytes, options: EchoOptions) -> MessagesWork:
         kind = _JSON_TYPES.get(type(limit), "null")
         message = f"Field 'max_tokens': type must be number, but is {kind}"
         raise RequestError(400, message, "invalid_max_tokens")
-    count, cut = token_limit(payload, "max_tokens", options.tokens)
-    error_after, error_code = error_trigger(payload)
-    return MessagesWork(
-        last_user,
-        count,
-        cut,
-        words(*texts),
-        payload.get("stream") is True,
-        options.model_name,
-        error_after,
-        error_code,
-        options.token_delay,
+    return MessagesWork.of(
+        payload, options, text=last_user, prompt_tokens=words(*texts), limit_key="max_tokens"
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from trioserve.backends.echo.options import EchoOptions
-from trioserve.backends.echo.request import RequestError, error_trigger, parse_json, token_limit
+from trioserve.backends.echo.request import RequestError, parse_json
 from trioserve.backends.echo.vocab import InvalidToken, detokenize, tokenize
 from trioserve.backends.echo.wire import data_event, dumps, timings, words
 from trioserve.backends.echo.work import Answer, TextWork
@@ -66,19 +66,13 @@ def _prompt(payload: dict[str, Any]) -> str:
 
 def _work(payload: dict[str, Any], options: EchoOptions, text: str, shown: str) -> NativeWork:
     key = "n_predict" if payload.get("n_predict") is not None else "max_tokens"
-    count, cut = token_limit(payload, key, options.tokens)
-    error_after, error_code = error_trigger(payload)
     limit = payload.get(key)
-    return NativeWork(
-        text,
-        count,
-        cut,
-        words(shown),
-        payload.get("stream") is True,
-        options.model_name,
-        error_after,
-        error_code,
-        options.token_delay,
+    return NativeWork.of(
+        payload,
+        options,
+        text=text,
+        prompt_tokens=words(shown),
+        limit_key=key,
         prompt=shown,
         n_predict=limit if isinstance(limit, int) else -1,
         return_tokens=payload.get("return_tokens") is True,

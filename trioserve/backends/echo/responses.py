@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trioserve.backends.echo.options import EchoOptions
-from trioserve.backends.echo.request import RequestError, error_trigger, parse_json, token_limit
+from trioserve.backends.echo.request import RequestError, parse_json
 from trioserve.backends.echo.wire import (
     content_text,
     data_event,
@@ -62,18 +62,12 @@ def parse_responses(body: bytes, options: EchoOptions) -> ResponsesWork:
     """The request ``body`` as a ``Work``; a ``RequestError`` for one llama-server refuses."""
     payload = parse_json(body)
     texts, last_user = _texts(payload)
-    count, cut = token_limit(payload, "max_output_tokens", options.tokens)
-    error_after, error_code = error_trigger(payload)
-    return ResponsesWork(
-        last_user,
-        count,
-        cut,
-        words(*texts),
-        payload.get("stream") is True,
-        options.model_name,
-        error_after,
-        error_code,
-        options.token_delay,
+    return ResponsesWork.of(
+        payload,
+        options,
+        text=last_user,
+        prompt_tokens=words(*texts),
+        limit_key="max_output_tokens",
     )
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, Self
 
 from trioserve.backends.echo.generation import Generation, parse_generation
 from trioserve.backends.echo.model import reply_tokens
 from trioserve.backends.echo.options import EchoOptions
 from trioserve.backends.echo.replies import Reply, plain_stream
+from trioserve.backends.echo.request import error_trigger, token_limit
 from trioserve.backends.echo.wire import dumps, llama_error
 
 __all__ = [
@@ -149,6 +150,34 @@ class TextWork:
     error_after: int | None = None
     error_code: int = 500
     token_delay: float = 0.0  # for the answer's ``timings``
+
+    @classmethod
+    def of(
+        cls,
+        payload: dict[str, Any],
+        options: EchoOptions,
+        *,
+        text: str,
+        prompt_tokens: int,
+        limit_key: str,
+        **more: Any,
+    ) -> Self:
+        """The work of the request ``payload``: its reply echoes ``text``, as long as its
+        ``limit_key`` field allows; ``more`` are the subclass's own fields."""
+        count, cut = token_limit(payload, limit_key, options.tokens)
+        error_after, error_code = error_trigger(payload)
+        return cls(
+            text,
+            count,
+            cut,
+            prompt_tokens,
+            payload.get("stream") is True,
+            options.model_name,
+            error_after,
+            error_code,
+            options.token_delay,
+            **more,
+        )
 
     @property
     def slow_start(self) -> bool:
