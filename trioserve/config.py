@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import string
 import sys
 import tomllib
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from trioserve.errors import ConfigError
+from trioserve.sizes import format_size, parse_size
 
 __all__ = [
     "ADMIN_USER_NAME",
@@ -38,6 +40,7 @@ __all__ = [
     "ServerConfig",
     "SupervisorConfig",
     "UserConfig",
+    "check_memory_fits",
     "is_loopback",
     "load_config",
     "parse_config",
@@ -67,6 +70,29 @@ def _no_empty_keys(keys: list[str]) -> list[str]:
 # users write `600`, not `600.0`.
 _Float = Annotated[float, BeforeValidator(_int_as_float)]
 _ApiKeys = Annotated[list[str], AfterValidator(_no_empty_keys)]
+
+
+def _size(value: object) -> int:
+    # parse_size's ValueError becomes the config error's reason.
+    return parse_size(value)
+
+
+def _memory(value: object) -> int | str:
+    return "auto" if value == "auto" else parse_size(value)
+
+
+_DEVICE = re.compile(r"cpu|cuda:\d+")
+
+
+def _device(name: str) -> str:
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a device: 'cpu' or 'cuda:N' (N the GPU's NVML index)")
+    return name
+
+
+# Sizes: bytes as an int, or a string such as "6 GiB" (strict mode would refuse the string).
+_Size = Annotated[int, BeforeValidator(_size)]
+_Device = Annotated[str, AfterValidator(_device)]
 
 
 class _Section(BaseModel):
@@ -135,6 +161,12 @@ class SupervisorConfig(_Section):
     failure_cooldown: _Float = Field(30, ge=0)
     health_interval: _Float = Field(10, gt=0)
     unhealthy_after: int = Field(3, ge=1)
+    # Budget per device ("cpu", "cuda:0", ...); a device without one has no memory limit.
+    memory: dict[_Device, _Size] = Field(default_factory=dict)
+    # s: a model that took memory keeps it this long while it has work before a model waiting
+    # for that memory may take it (a time slice: under alternating demand, one swap per slice
+    # rather than one per request). 0 = swap as soon as the holder's requests in flight end.
+    swap_after: _Float = Field(10, ge=0)
 
     @field_validator("port_range")
     @classmethod
@@ -159,6 +191,25 @@ class ModelConfig(_Section):
     # so a hang-up or deadline stops the generation (llama-server notices a closed connection
     # only while it writes a stream). false relays them as they came.
     stream_upstream: bool = True
+    # "auto": estimated from the GGUF the command serves, then measured; or a size per device.
+    memory: Annotated[int | str, BeforeValidator(_memory)] = "auto"
+    devices: list[_Device] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    # Started with the daemon (and by a reload that adds it); restarted after a crash.
+    preload: bool = False
+    # Never stopped by ttl, LRU or memory pressure; only by unload, reload or stop.
+    pinned: bool = False
+
+    @property
+    def declared_memory(self) -> int | None:
+        """The configured size per device, or None for "auto"."""
+        return self.memory if isinstance(self.memory, int) else None
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a device is listed twice")
+        return value
 
     @field_validator("health_path")
     @classmethod
@@ -309,7 +360,8 @@ def is_loopback(host: str) -> bool:
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+    # pydantic marks an error in a dict's key with a "[key]" step: the key is the path's end.
+    return ".".join(str(part) for part in loc if part != "[key]")
 
 
 def _number(bound: object) -> object:
@@ -350,6 +402,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
     _check_names(config, source)
     _check_users(config, source)
     _check_server(config, source)
+    _check_pinned(config, source)
+    check_memory_fits(config, {}, source)
     config._source = source
     return config
 
@@ -430,6 +484,56 @@ def _check_users(config: Config, source: str) -> None:
                 )
                 raise ConfigError(source, f"{path}.api_keys", reason)
             owners[key] = path
+
+
+def _check_pinned(config: Config, source: str) -> None:
+    pinned = [name for name, model in config.models.items() if model.pinned]
+    limit = config.supervisor.max_loaded
+    if len(pinned) > limit:
+        raise ConfigError(
+            source,
+            f"models.{pinned[limit]}.pinned",
+            f"{len(pinned)} models are pinned ({', '.join(pinned)}) but max_loaded is {limit}: "
+            "pinned models never stop, so they must all fit at once",
+        )
+
+
+def check_memory_fits(
+    config: Config, figures: Mapping[str, Mapping[str, int]], source: str | None = None
+) -> None:
+    """Refuse a model that can never fit: larger than one of its devices' budgets, or than
+    what the pinned models leave of it. ``figures`` holds what is known beyond the config
+    (estimates, measurements: model -> device -> bytes); a declared size is used otherwise."""
+    source = config.source if source is None else source
+    budgets = config.supervisor.memory
+
+    def need(name: str, device: str) -> int:
+        known = figures.get(name, {})
+        declared = config.models[name].declared_memory
+        return known.get(device, declared if declared is not None else 0)
+
+    for device, budget in budgets.items():
+        users = [name for name, model in config.models.items() if device in model.devices]
+        pinned = {name: need(name, device) for name in users if config.models[name].pinned}
+        for name in users:
+            size = need(name, device)
+            if size > budget:
+                raise ConfigError(
+                    source,
+                    f"models.{name}.memory",
+                    f"needs {format_size(size)} on {device}, more than its budget of "
+                    f"{format_size(budget)} (supervisor.memory): it could never start",
+                )
+            others = {other: held for other, held in pinned.items() if other != name}
+            if others and size + sum(others.values()) > budget:
+                left = budget - sum(others.values())
+                raise ConfigError(
+                    source,
+                    f"models.{name}.memory",
+                    f"needs {format_size(size)} on {device}, but the pinned models "
+                    f"({', '.join(others)}) leave {format_size(max(left, 0))} of its "
+                    f"{format_size(budget)} budget: it could never start",
+                )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER NOT NULL,
     PRIMARY KEY (hour, user, model)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS memory (
+    command TEXT NOT NULL,  -- the model's cmd as configured (JSON), placeholders unfilled
+    device TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (command, device)
+) WITHOUT ROWID;
 """
 
 
@@ -253,6 +260,21 @@ class StateStore:
         """The hourly usage rows from ``since_hour`` on (read-only; none before any)."""
         query = f"SELECT * FROM usage WHERE hour >= {int(since_hour)} ORDER BY hour, user, model"
         return [UsageRow(*row) for row in self._read(query)]
+
+    def record_memory(self, command: str, measured: dict[str, int]) -> None:
+        """Keep what a command's process group was measured to use, per device, for its next
+        start (and the next daemon's)."""
+        now = time.time()
+        with self._connect() as conn:
+            conn.executemany(
+                "INSERT INTO memory VALUES (?,?,?,?) ON CONFLICT (command, device) DO UPDATE"
+                " SET bytes = excluded.bytes, measured_at = excluded.measured_at",
+                [(command, device, size, now) for device, size in measured.items()],
+            )
+
+    def measured_memory(self) -> list[tuple[str, str, int]]:
+        """Every (command, device, bytes) measured so far (read-only; none before any)."""
+        return [tuple(row) for row in self._read("SELECT command, device, bytes FROM memory")]
 
 
 def _child(row: Sequence[Any]) -> ChildRow:

@@ -94,6 +94,13 @@ def parse_args(argv: Iterable[str] | None = None) -> EchoOptions:
         help="slots that /slots, /props and /metrics report, as llama-server's --parallel; "
         "generations beyond them are shown as deferred but never wait (default: 4)",
     )
+    parser.add_argument(
+        "--hold-mib",
+        type=_non_negative_int,
+        default=0,
+        help="MiB of memory to allocate and touch before binding the port, held until exit, so "
+        "that the process's RSS/PSS grows by as much as a model's weights would (default: 0)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     return EchoOptions(
         host=args.host,
@@ -105,6 +112,7 @@ def parse_args(argv: Iterable[str] | None = None) -> EchoOptions:
         response_delay=args.response_delay,
         model_name=args.model_name,
         parallel=args.parallel,
+        hold_mib=args.hold_mib,
     )
 
 

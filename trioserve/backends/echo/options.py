@@ -20,6 +20,7 @@ class EchoOptions:
     response_delay: float = 0.0
     model_name: str = "echo"
     parallel: int = 4  # slots that /slots, /props and /metrics report; nothing waits for one
+    hold_mib: int = 0  # MiB allocated and touched before the port is bound, held until exit
 
 
 @dataclass(slots=True)
