@@ -25,6 +25,7 @@ import trio
 
 from tests.support.config import echo_cmd, write_toml
 from tests.support.daemon import DaemonProcess, clean_env, running_daemon
+from tests.support.gguf import write_gguf
 from tests.support.http import assert_openai_error, chat
 from tests.support.notify import NotifyPeer
 from tests.support.ports import free_port, port_range
@@ -433,7 +434,15 @@ def _unknown_key(file: ConfigFile) -> tuple[str, ...]:
     return (str(file.path), "server.prot", "unknown key")
 
 
-@pytest.mark.parametrize("spoil", [_bad_limit, _bad_toml, _missing, _unknown_key])
+def _never_fits(file: ConfigFile) -> tuple[str, ...]:
+    # A llama-server model whose GGUF's estimate is over 11 MiB (the process's own memory).
+    model_file = write_gguf(file.path.with_suffix(".gguf"))
+    big = {"cmd": ["llama-server", "--port", "{port}", "-m", str(model_file)]}
+    file.write({"echo": echo(max_queue=5), "big": big}, supervisor={"memory": {"cpu": "10 MiB"}})
+    return (str(file.path), "models.big.memory", "more than its budget of 10.0 MiB")
+
+
+@pytest.mark.parametrize("spoil", [_bad_limit, _bad_toml, _missing, _unknown_key, _never_fits])
 async def test_invalid_file_changes_nothing(
     tmp_path: Path, state_dir: Path, spoil: Callable[[ConfigFile], tuple[str, ...]]
 ) -> None:

@@ -22,6 +22,7 @@ import trio
 from trioserve.config import Config, is_loopback
 from trioserve.daemon_control import DaemonControl
 from trioserve.daemon_watchers import report_status, status_line, sweep_on_model_events
+from trioserve.errors import ConfigError
 from trioserve.gateway.activity import ActivityHistory
 from trioserve.gateway.admin import AdminContext, build_admin_app
 from trioserve.gateway.admin_access import AdminAccess
@@ -307,6 +308,11 @@ async def _serve(
         supervisor.on_spawn = metrics.spawned
         supervisor.on_failure = metrics.failed
         metrics.watch_models(supervisor.status)
+        metrics.watch_devices(supervisor.devices)
+        try:
+            await supervisor.prepare()
+        except ConfigError as exc:  # a model that could never fit its memory budgets
+            raise DaemonError(str(exc)) from None
         await core.start(supervisor.run)
         await control.phase("gateway")
         # Concurrency per model is bounded by admission, not by the pool.
@@ -322,7 +328,7 @@ async def _serve(
             await core.start(activity.run)
             hyper = hypercorn_config(config)
             live = _Reloadable(supervisor, usage, owned.guard, hyper)
-            reloader = Reloader(config, live.apply, notifier)
+            reloader = Reloader(config, live.apply, notifier, vet=supervisor.vet)
             stream_ends = StreamEnds()
             access = AdminAccess(await _admin_token(config))
             relay = Relay(config, supervisor, pool, metrics, usage, access)

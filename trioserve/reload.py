@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,14 @@ class Reloader:
         config: Config,
         apply: Callable[[Config, ReloadPlan], None],
         notifier: SystemdNotifier | None = None,
+        *,
+        vet: Callable[[Config], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._apply = apply
+        # Checks that need more than the file (GGUF estimates, measured memory): raises
+        # ConfigError to refuse the new config.
+        self._vet = vet
         self._notifier = notifier
         self._lock = trio.Lock()
         self.closed = False
@@ -102,6 +107,8 @@ class Reloader:
             plan = plan_reload(self.config, new)
             if plan.refused is not None:
                 raise ReloadRefused(f"{path}: {plan.refused}")
+            if self._vet is not None:
+                await self._vet(new)
         except (ConfigError, ReloadRefused) as exc:
             self.last = LastReload(at=time.time(), ok=False, error=str(exc))
             log.error("reload refused, nothing changed: %s", exc)

@@ -31,7 +31,7 @@ RESTART_ONLY = (
 )
 # A model whose process must be replaced when one of these changes; every other model key
 # (limits, ttl, aliases) applies to the running process.
-PROCESS_KEYS = ("cmd", "env", "health_path")
+PROCESS_KEYS = ("cmd", "env", "health_path", "devices")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class ReloadPlan:
     refused: str | None = None
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    # cmd, env or health_path changed: the old process finishes its requests, the next
-    # request starts the new command.
+    # cmd, env, health_path or devices (CUDA_VISIBLE_DEVICES) changed: the old process
+    # finishes its requests, the next request starts the new command.
     replaced: tuple[str, ...] = ()
     # only limits, ttl or aliases changed: applied to the running process.
     retuned: tuple[str, ...] = ()

@@ -32,6 +32,8 @@ def script_cmd(script: str, *args: str) -> list[str]:
 #   --ignore-sigterm   SIGTERM does nothing (a child that must be SIGKILLed)
 #   --slow-exit S      on SIGTERM, wait S seconds, then exit 0 (a slow but polite child)
 #   --record PATH      write argv, pid, pgid, sid and environment to PATH as JSON first
+#   --unhealthy-probes N   /health answers 503 the first N times (a model loading: the
+#                      supervisor probes every 25 ms of its clock, so N sets a mocked start time)
 # Anything else is ignored, so argv handling can be checked with arbitrary extra arguments.
 HEALTH_SERVER = r"""
 import http.server, json, os, signal, sys, time
@@ -48,9 +50,15 @@ if "--record" in opts:
     with open(opts[opts.index("--record") + 1], "w") as f:
         json.dump({"argv": sys.argv, "pid": os.getpid(), "pgid": os.getpgid(0),
                    "sid": os.getsid(0), "env": dict(os.environ)}, f)
+unhealthy = int(opts[opts.index("--unhealthy-probes") + 1]) if "--unhealthy-probes" in opts else 0
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
+        global unhealthy
+        if self.path == "/health" and unhealthy > 0:
+            unhealthy -= 1
+            self.send_response(503)
+        else:
+            self.send_response(200 if self.path == "/health" else 404)
         self.send_header("content-length", "0")
         self.end_headers()
     def log_message(self, *args):

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,24 @@ async def running_supervisor(config: Config) -> AsyncIterator[Supervisor]:
     """A supervisor without the HTTP layer; every child is stopped on exit."""
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(config, instance="test-" + os.urandom(4).hex())
+        await supervisor.prepare()
         await nursery.start(supervisor.run)
         try:
             yield supervisor
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def supervisor_reaches(supervisor: Supervisor, reached: Callable[[], bool]) -> None:
+    """Return once ``reached()`` is true: checked now and at each lifecycle event (the states
+    a supervisor reaches by itself: a start's end, a stop, an eviction)."""
+    async with supervisor.events.subscribe() as events:
+        if reached():
+            return
+        async for _ in events:
+            if reached():
+                return
+    raise AssertionError("the supervisor stopped publishing events")
 
 
 @asynccontextmanager
@@ -108,6 +121,7 @@ async def running_supervisor_with_store(config: Config) -> AsyncIterator[Supervi
                 supervisor = Supervisor(
                     config, instance="test-" + os.urandom(4).hex(), store=writer
                 )
+                await supervisor.prepare()
                 await nursery.start(supervisor.run)
                 try:
                     yield supervisor

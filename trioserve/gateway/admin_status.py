@@ -39,6 +39,7 @@ def status_routes(ctx: AdminContext) -> Blueprint:
             # when not, instead of offering buttons that would fail.
             "admin": ctx.access.is_admin(request.scope, reloader.config),  # type: ignore[arg-type]
             "users": users_status(supervisor, ctx.usage),
+            "devices": supervisor.devices(),
             "models": {
                 name: {**model.as_dict(), "queued_by_user": _queued_by_user(supervisor, name)}
                 for name, model in supervisor.status().items()

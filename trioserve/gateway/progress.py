@@ -41,8 +41,16 @@ async def send_progress(request: RelayedRequest, supervisor: Supervisor) -> None
     while not stop.is_set():
         waited = trio.current_time() - request.start_clock
         model = supervisor.models.get(name)  # None: a reload removed it; it still serves
-        if model is None or model.state is State.READY:
+        if model is not None and model.waiting_for is not None:
+            # e.g. ": waiting for memory: needs 6.0 GiB on cuda:0, 2.1 GiB free, held by
+            # qwen (busy) (3.0s)"
+            line = f": {model.waiting_for} ({waited:.1f}s)\n\n"
+        elif model is None or model.state is State.READY:
             line = f": waiting for model {name} ({waited:.1f}s)\n\n"
+        elif model.state is State.STOPPING:
+            # It yielded its memory, or a reload replaces it: the request waits for its next
+            # process, which is not loading yet.
+            line = f": waiting for model {name}'s next turn ({waited:.1f}s)\n\n"
         else:
             line = f": loading model {name} ({waited:.1f}s)\n\n"
         if not out.started:

@@ -240,9 +240,11 @@ class Relay:
                     self.usage.waited(request.user, model.name, waited)
                     await self._leased(request, model, body, first_byte)
         if first_byte.cancelled_caught:
+            # Its start still waits for memory or a slot: say why (the first thing to fix).
+            waiting = f"; its start was {model.waiting_for}" if model.waiting_for else ""
             raise RequestTimeout(
                 f"no response from model {model.name!r} within first_byte_timeout "
-                f"({server.first_byte_timeout:g}s, queue and start included); the "
+                f"({server.first_byte_timeout:g}s, queue and start included){waiting}; the "
                 "upstream request was aborted"
             )
 

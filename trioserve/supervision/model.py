@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trioserve.config import ModelConfig
+from trioserve.memory.figures import CommandFigures
 from trioserve.sharing.admission import Admission
 from trioserve.supervision.events import EventBus
 from trioserve.supervision.lifecycle import Lifecycle, State
@@ -48,6 +50,17 @@ class ModelStatus:
     queued: int
     restarts: int
     last_error: str | None
+    # Bytes per device: {"estimated": {...}, "measured": {...}}, each {} until known.
+    memory: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {"estimated": {}, "measured": {}}
+    )
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    preload: bool = False
+    pinned: bool = False
+    waiting_for: str | None = None  # why its start waits (memory, a max_loaded slot)
+    warnings: list[str] = field(default_factory=list)
+    # Its start is short of memory (for /metrics; not in the contract's status object).
+    waiting_for_memory: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object of the contract, keys in its order."""
@@ -61,6 +74,12 @@ class ModelStatus:
             "queued": self.queued,
             "restarts": self.restarts,
             "last_error": self.last_error,
+            "memory": self.memory,
+            "devices": self.devices,
+            "preload": self.preload,
+            "pinned": self.pinned,
+            "waiting_for": self.waiting_for,
+            "warnings": self.warnings,
         }
 
 
@@ -100,8 +119,17 @@ class ManagedModel:
     process: ChildProcess | None = None  # the live process, until it is reaped
     leases: set[Lease] = field(default_factory=set)
     lease_changed: trio.Event = field(default_factory=trio.Event)
-    # A process of this model exists or is about to (counts towards max_loaded).
+    # A process of this model exists or is about to: it counts towards max_loaded and holds
+    # its memory on its devices.
     holds_slot: bool = False
+    held_since: float = 0.0  # trio clock: when it took its slot (its time slice began)
+    # Why its start waits for a slot or memory, or None.
+    waiting_for: str | None = None
+    # The devices its start is short of memory on: later starts needing them wait behind it.
+    short_on: frozenset[str] = frozenset()
+    # Callers waiting for its start (requests, a load, preload): a start nobody waits for
+    # any more gives its place in line up instead of stopping another model for nothing.
+    demand: int = 0
     started_at: float | None = None  # wall clock
     last_used_at: float | None = None  # wall clock
     last_used_clock: float = 0.0  # trio clock, for TTL and LRU
@@ -110,6 +138,10 @@ class ManagedModel:
     @property
     def state(self) -> State:
         return self.lifecycle.state
+
+    @property
+    def pinned(self) -> bool:
+        return self.config.pinned
 
     def move(self, target: State, reason: str) -> None:
         """Move the lifecycle to ``target`` and publish the event."""
@@ -125,8 +157,9 @@ class ManagedModel:
         self.last_used_at = time.time()
         self.last_used_clock = trio.current_time()
 
-    def status(self) -> ModelStatus:
+    def status(self, figures: CommandFigures, budgets: Mapping[str, int]) -> ModelStatus:
         process = self.process
+        config = self.config
         return ModelStatus(
             state=self.state,
             pid=process.pid if process is not None else None,
@@ -137,4 +170,11 @@ class ManagedModel:
             queued=self.admission.queued,
             restarts=self.lifecycle.restarts,
             last_error=self.lifecycle.last_error,
+            memory={"estimated": figures.estimated(config), "measured": dict(figures.measured)},
+            devices=list(config.devices),
+            preload=config.preload,
+            pinned=config.pinned,
+            waiting_for=self.waiting_for,
+            warnings=figures.warnings(config, budgets),
+            waiting_for_memory=bool(self.short_on),
         )

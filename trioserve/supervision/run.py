@@ -8,18 +8,23 @@ tasks only wait for its start, ask it to stop, or wait until it is gone.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import psutil
 import trio
 
 from trioserve.config import Config, ModelConfig, placeholder_values, render
-from trioserve.errors import TrioserveError, UpstreamError
+from trioserve.errors import ModelUnavailable, TrioserveError, UpstreamError
 from trioserve.host.child_env import child_env
 from trioserve.host.guard_client import Guard
 from trioserve.host.identity import process_start_time
 from trioserve.host.store import StoreWriter
+from trioserve.memory.figures import CommandFigures, MemoryBook, command_key
+from trioserve.memory.nvml import NvmlReader
+from trioserve.memory.usage import measure_group
 from trioserve.supervision.lifecycle import State
 from trioserve.supervision.model import Endpoint, ManagedModel
 from trioserve.supervision.ports import NoFreePort, PortAllocator
@@ -32,9 +37,36 @@ from trioserve.supervision.probe import (
 )
 from trioserve.supervision.process import ChildProcess
 
-__all__ = ["CHILD_HOST", "ModelRun", "RunHost", "StartAttempt", "child_command"]
+__all__ = [
+    "CHILD_HOST",
+    "MEASURE_EVERY",
+    "CannotPlace",
+    "ModelRun",
+    "RunHost",
+    "StartAbandoned",
+    "StartAttempt",
+    "child_command",
+]
+
+log = logging.getLogger(__name__)
 
 CHILD_HOST = "127.0.0.1"
+# s between two measurements of a ready model's memory: it grows as requests touch its KV
+# cache, and a process-group scan is a few milliseconds of a worker thread.
+MEASURE_EVERY = 10.0
+# PSS moves by a few pages from one measurement to the next: growth below this changes no
+# figure, so placement is not woken and the store not written every MEASURE_EVERY for nothing.
+_GROWTH_STEP = 0.02
+
+
+class StartAbandoned(Exception):
+    """A start given up before its process was spawned (nobody waits for it any more)."""
+
+
+class CannotPlace(Exception):
+    """A start refused before its process was spawned: the model's memory, as measured, can
+    never fit its devices' budgets. Its waiters get a 503 saying so; it is not a failure of
+    the model's (nothing ran), so it counts towards no ``max_start_failures``."""
 
 
 class RunHost(Protocol):
@@ -45,6 +77,8 @@ class RunHost(Protocol):
     boot_id: str
     ports: PortAllocator
     store: StoreWriter | None
+    memory: MemoryBook
+    nvml: NvmlReader
     # Told of every child at spawn and at reap, to stop them if the daemon dies (or None).
     guard: Guard | None
     on_spawn: Callable[[str], None]
@@ -53,8 +87,10 @@ class RunHost(Protocol):
     @property
     def probe(self) -> HealthProbe: ...
 
-    async def take_slot(self, model: ManagedModel) -> None:
-        """Return once ``model`` holds one of the ``max_loaded`` slots."""
+    async def take_place(self, model: ManagedModel) -> None:
+        """Return once ``model`` holds one of the ``max_loaded`` slots and its memory fits;
+        raise ``StartAbandoned`` when nobody waits for it any more, ``CannotPlace`` when its
+        memory never can fit."""
 
     def room_changed(self) -> None:
         """A slot may have come free, or a model became idle."""
@@ -66,8 +102,16 @@ def child_command(
     """The argv and environment of a process of model ``name``, placeholders filled in."""
     values = placeholder_values(host.config, name, port)
     argv = [render(arg, values) for arg in config.cmd]
+    gpus = [device.removeprefix("cuda:") for device in config.devices if device != "cpu"]
+    # A CUDA model sees only its devices, unless its env chooses them itself. "cuda:N" is
+    # NVML's index N (what we measure and budget); CUDA numbers devices the same way only in
+    # PCI bus order, not its default "fastest first".
+    visible = {}
+    if gpus and "CUDA_VISIBLE_DEVICES" not in config.env:
+        visible = {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     env = child_env(
         {
+            **visible,
             **{key: render(value, values) for key, value in config.env.items()},
             "TRIOSERVE_INSTANCE": host.instance,
             "TRIOSERVE_MODEL": name,
@@ -142,6 +186,11 @@ class ModelRun:
         self.grace: float | None = None
         # The state already left starting/ready: waiters and leases have been told.
         self.over = False
+        # The largest memory measured of this process, per device; what was measured of the
+        # command before it (None until the first measurement); what the store has of this run.
+        self.peak: dict[str, int] = {}
+        self._before: dict[str, int] | None = None
+        self._stored: dict[str, int] = {}
 
     @property
     def current(self) -> bool:
@@ -196,11 +245,17 @@ class ModelRun:
             async with self.model.lock:
                 with self.scope:
                     try:
-                        await self._host.take_slot(self.model)
+                        await self._host.take_place(self.model)
                         self.holds_slot = True
                         self.port = self._host.ports.allocate()
                     except NoFreePort as exc:
                         failure = str(exc)
+                    except StartAbandoned as exc:
+                        self._stopping(str(exc))
+                    except CannotPlace as exc:
+                        retry = self._host.config.supervisor.failure_cooldown
+                        self.attempt.fail(ModelUnavailable(str(exc), retry_after=retry or 1))
+                        self._stopping("its memory cannot fit")
                     else:
                         await self._run_process()
         finally:
@@ -215,6 +270,9 @@ class ModelRun:
             try:
                 child = await self._spawn(child_nursery)
                 await self._wait_ready(child)
+                # Measured before it is ready: whoever waited for it (a load, a test, the
+                # next placement) sees the figure.
+                await self._measure(child)
                 # An unload may have landed while the last readiness step ran in a worker
                 # thread (not cancellable): let its cancellation take effect before `ready`.
                 await trio.lowlevel.checkpoint()
@@ -286,11 +344,16 @@ class ModelRun:
         endpoint = Endpoint(model.name, CHILD_HOST, self.port)
         model.endpoint = endpoint
         model.touch()
+        # Its time slice counts from here: a load as long as swap_after must not use it up.
+        model.held_since = trio.current_time()
         model.move(State.READY, "healthy")
         self.attempt.succeed(endpoint)
         store, row = self._host.store, self.store_row
         if store is not None and row is not None:
             store.submit(lambda: store.store.child_state(row, State.READY.value))
+        # A start waiting for memory decides again: this one may now be idle, or its slice
+        # may end (nothing else wakes it when nobody waited for this start).
+        self._host.room_changed()
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -307,6 +370,7 @@ class ModelRun:
             nursery.start_soon(fails_when, lambda: self._exited(child))
             nursery.start_soon(fails_when, self._unresponsive)
             nursery.start_soon(self._stop_after_ttl)
+            nursery.start_soon(self._keep_measuring, child)
         return reasons[0]
 
     async def _exited(self, child: ChildProcess) -> str:
@@ -336,7 +400,7 @@ class ModelRun:
         model = self.model
         while True:
             ttl = model.config.ttl
-            if ttl <= 0 or model.leases or model.state is not State.READY:
+            if ttl <= 0 or model.pinned or model.leases or model.state is not State.READY:
                 await model.lease_changed.wait()
                 continue
             with trio.move_on_at(model.last_used_clock + ttl):
@@ -345,6 +409,58 @@ class ModelRun:
             if model.state is State.READY and not model.leases:
                 self.stop(f"idle for {ttl:g}s (ttl)")
                 return
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def _figures(self) -> CommandFigures:
+        return self._host.memory.for_model(self._host.config, self.model.name, self.config)
+
+    async def _measure(self, child: ChildProcess) -> None:
+        """Measure the process group's memory. Placement counts the largest of this run's
+        peak and what earlier runs of the command were measured to use; the store keeps this
+        run's peak (so one run's spike is forgotten after the next run)."""
+        gpus = [device for device in self.config.devices if device != "cpu"]
+        try:
+            sample = await trio.to_thread.run_sync(measure_group, child.pgid, gpus, self._host.nvml)
+        except (OSError, psutil.Error) as exc:  # /proc changing under us: the next one will do
+            log.debug("measuring %s: %s", self.model.name, exc)
+            return
+        figures = self._figures()
+        figures.unmeasured = sample.gaps
+        if self._before is None:
+            self._before = dict(figures.measured)
+        for device, size in sample.used.items():
+            self.peak[device] = max(self.peak.get(device, 0), size)
+        counted = {**self._before}
+        for device, size in self.peak.items():
+            counted[device] = max(counted.get(device, 0), size)
+        if _grown(counted, figures.measured):
+            self._count(figures, counted)
+        if _grown(self.peak, self._stored):
+            self._store_peak()
+
+    def _count(self, figures: CommandFigures, counted: dict[str, int]) -> None:
+        """Placement counts ``counted`` from now on; a new warning is logged."""
+        budgets = self._host.config.supervisor.memory
+        warned = set(figures.warnings(self.config, budgets))
+        figures.measured = counted
+        for warning in figures.warnings(self.config, budgets):
+            if warning not in warned:
+                log.warning("model %s: %s", self.model.name, warning)
+        self._host.room_changed()
+
+    def _store_peak(self) -> None:
+        self._stored = dict(self.peak)
+        store = self._host.store
+        if store is not None:
+            key = command_key(self._host.config, self.model.name, self.config)
+            peak = self._stored
+            store.submit(lambda: store.store.record_memory(key, peak))
+
+    async def _keep_measuring(self, child: ChildProcess) -> None:
+        while True:
+            await trio.sleep(MEASURE_EVERY)
+            await self._measure(child)
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -387,6 +503,9 @@ class ModelRun:
         if guard is not None and child is not None and child.returncode is not None:
             # Its group was stopped and the child reaped: nothing of it is left to guard.
             guard.untrack(child.pid)
+        if self.peak:
+            # The next start counts what this run was measured to use, as the store does.
+            self._figures().measured = dict(self.peak)
         if self.current and model.state is State.STOPPING:
             model.move(State.STOPPED, self.stop_reason or "stopped")
         store, row = self._host.store, self.store_row
@@ -397,3 +516,8 @@ class ModelRun:
         self.stopped.set()
         model.changed_leases()
         self._host.room_changed()
+
+
+def _grown(new: dict[str, int], old: dict[str, int]) -> bool:
+    """A device is new, or grew by more than ``_GROWTH_STEP``."""
+    return any(size > old.get(device, 0) * (1 + _GROWTH_STEP) for device, size in new.items())

@@ -8,7 +8,7 @@ use the model, so a request that goes away never interrupts a start the others a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import httpx
@@ -19,11 +19,15 @@ from trioserve.errors import ModelNotFound, ModelUnavailable, UpstreamError
 from trioserve.host.guard_client import Guard
 from trioserve.host.identity import read_boot_id
 from trioserve.host.store import StoreWriter
+from trioserve.memory.figures import MemoryBook
+from trioserve.memory.nvml import NvmlReader
 from trioserve.reload_plan import ReloadPlan
 from trioserve.sharing.admission import Admission
 from trioserve.supervision.events import EventBus
+from trioserve.supervision.keepers import Keepers
 from trioserve.supervision.lifecycle import Lifecycle, State
 from trioserve.supervision.model import Endpoint, Lease, ManagedModel, ModelStatus
+from trioserve.supervision.placer import Placer
 from trioserve.supervision.ports import PortAllocator
 from trioserve.supervision.probe import HealthProbe
 from trioserve.supervision.process import listens_on
@@ -57,7 +61,11 @@ class Supervisor:
         self.models: dict[str, ManagedModel] = {
             name: self._new_model(name, model) for name, model in config.models.items()
         }
-        self._room_changed = trio.Event()
+        # Every command's memory figures (estimated, measured); NVML for GPU models.
+        self.memory = MemoryBook()
+        self.nvml = NvmlReader()
+        self.placer = Placer(self, self.memory)
+        self.keepers = Keepers(self)
         # Models a reload removed whose requests or process are not done yet.
         self._retiring: set[ManagedModel] = set()
         self._nursery: trio.Nursery | None = None
@@ -79,6 +87,19 @@ class Supervisor:
 
     # -- running -------------------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Before ``run``: measured figures from the state store, the GGUF estimates; raises
+        ``ConfigError`` for a model that could never fit its devices' budgets."""
+        if self.store is not None:
+            store = self.store.store
+            self.memory.load(await self.store.call(store.measured_memory))
+        await self.vet(self.config)
+
+    async def vet(self, config: Config) -> None:
+        """Refuse ``config`` (``ConfigError``) if a model could never fit: at start and
+        before a reload."""
+        await self.placer.vet(config)
+
     async def run(
         self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -94,14 +115,17 @@ class Supervisor:
                 # each with its own stop_grace, rather than one after the other.
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.keepers.start(nursery)
                     task_status.started(self)
                     try:
                         await trio.sleep_forever()
                     finally:
                         self._closing = True
+                        self.keepers.close()
             finally:
                 self._nursery = None
                 self.events.close()
+                self.nvml.close()
 
     @property
     def probe(self) -> HealthProbe:
@@ -140,7 +164,13 @@ class Supervisor:
             else:
                 self._check_cooldown(model)
                 attempt = self._begin_start(model, "requested").attempt
-            await attempt.done.wait()
+            model.demand += 1
+            try:
+                await attempt.done.wait()
+            finally:
+                model.demand -= 1
+                if not model.demand:
+                    self.room_changed()  # a start nobody waits for may give up its place
             if attempt.error is not None:
                 raise attempt.error
 
@@ -203,7 +233,9 @@ class Supervisor:
         the new ones. New models appear stopped; a removed model's requests (in flight and
         queued) finish, then its process stops; a model whose process settings changed keeps
         serving its in-flight requests on the old process, which stops once they finish (the
-        next request starts the new command); limits apply at once."""
+        next request starts the new command); limits apply at once. Preload models the reload
+        adds (or makes preload, or whose command it changes) are started."""
+        old = self.config
         for name in plan.removed:
             self._retire(self.models.pop(name))
         for name in plan.added:
@@ -218,11 +250,12 @@ class Supervisor:
                 # `stopping` now, before any other task runs: no request leases the old
                 # process after the reload returned.
                 run.mark_stopping("config changed (reload)")
-                self._spawn_task(run.stop_when_idle, "config changed (reload)")
+                self.spawn_task(run.stop_when_idle, "config changed (reload)")
         if new.supervisor.port_range != self.config.supervisor.port_range:
             first, last = new.supervisor.port_range
             self.ports.set_range(first, last)
         self.config = new
+        self.keepers.apply(old, plan)
         self.room_changed()
 
     def _retire(self, model: ManagedModel) -> None:
@@ -244,38 +277,39 @@ class Supervisor:
             finally:
                 self._retiring.discard(model)
 
-        self._spawn_task(stop_when_done)
+        self.spawn_task(stop_when_done)
 
-    def _spawn_task(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    def spawn_task(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         if self._nursery is not None and not self._closing:
             self._nursery.start_soon(fn, *args)
 
     def status(self) -> dict[str, ModelStatus]:
-        return {name: model.status() for name, model in self.models.items()}
+        budgets = self.config.supervisor.memory
+        return {
+            name: model.status(self.memory.for_model(self.config, name, model.config), budgets)
+            for name, model in self.models.items()
+        }
 
-    # -- what runs ask of the supervisor (``RunHost``) -----------------------------------------
+    def devices(self) -> dict[str, dict[str, int]]:
+        """Each budgeted device's ``budget``, ``used`` and ``free`` (bytes)."""
+        return self.placer.devices()
 
-    async def take_slot(self, model: ManagedModel) -> None:
-        """Wait until fewer than ``max_loaded`` models hold a slot, evicting the least recently
-        used idle model if there is one; a model with a lease is never evicted."""
-        limit = self.config.supervisor.max_loaded
-        while True:
-            holders = [m for m in (*self.models.values(), *self._retiring) if m.holds_slot]
-            if len(holders) < limit:
-                model.holds_slot = True
-                return
-            idle = [
-                m for m in holders if m.state is State.READY and not m.leases and m.run is not None
-            ]
-            if idle:
-                victim = min(idle, key=lambda m: m.last_used_clock)
-                assert victim.run is not None
-                victim.run.stop(f"evicted for {model.name} (max_loaded={limit})")
-            await self._room_changed.wait()
+    # -- what runs and the placer ask of the supervisor (``RunHost``, ``PlacerHost``) ----------
+
+    def holders(self) -> Iterator[tuple[str, ManagedModel]]:
+        """Every model whose process exists or is about to, named for messages."""
+        for name, model in self.models.items():
+            if model.holds_slot:
+                yield name, model
+        for model in self._retiring:
+            if model.holds_slot:
+                yield f"{model.name} (removed)", model
+
+    async def take_place(self, model: ManagedModel) -> None:
+        await self.placer.take_place(model)
 
     def room_changed(self) -> None:
-        self._room_changed.set()
-        self._room_changed = trio.Event()
+        self.placer.room_changed()
 
     # -- internals -----------------------------------------------------------------------------
 
