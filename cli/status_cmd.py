@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 import typer
+from rich.console import Console
 
 from trioserve.config import Config
 from trioserve.host.cleanup import Leftover, find_leftovers
@@ -16,7 +17,7 @@ from trioserve.host.store import DaemonRow, StateStore
 
 from .client import ClientError, DaemonClient, NoDaemon
 from .common import EXIT_NO_DAEMON, EXIT_USAGE, JsonOption, die, make_console
-from .tables import duration, leftovers_table, models_table, users_table
+from .tables import devices_table, duration, leftovers_table, models_table, users_table
 from .target import ClientOptions, Target, client_command
 from .users_cmd import UsersOption
 
@@ -121,8 +122,22 @@ def status(
         markup=False,
     )
     out.print(models_table(answer))
+    _print_memory(out, answer)
     if has_users:
         out.print(users_table(answer))
+
+
+def _print_memory(out: Console, answer: dict[str, Any]) -> None:
+    """The devices' budgets (when there are any), then a line per model that waits and per
+    warning: ``b: waiting for memory: needs …``."""
+    devices = answer.get("devices") or {}
+    if devices:
+        out.print(devices_table(answer))
+    for name, model in (answer.get("models") or {}).items():
+        if model.get("waiting_for"):
+            out.print(f"{name}: {model['waiting_for']}", markup=False)
+        for warning in model.get("warnings") or []:
+            out.print(f"{name}: {warning}", markup=False, style="yellow")
 
 
 def register(app: typer.Typer) -> None:

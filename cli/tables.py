@@ -9,11 +9,14 @@ from rich.table import Table
 from rich.text import Text
 
 from trioserve.host.cleanup import Leftover
+from trioserve.sizes import format_size
 
 __all__ = [
+    "devices_table",
     "duration",
     "first_line",
     "leftovers_table",
+    "memory_cell",
     "models_table",
     "usage_table",
     "users_table",
@@ -54,12 +57,38 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def memory_cell(model: Mapping[str, Any]) -> str:
+    """A model's memory per device, the measured figure where there is one, else the estimated
+    (declared or from its GGUF): ``cpu 1.2 GiB``, ``cuda:0 5.9 GiB + cpu 0.8 GiB``; ``-``
+    while nothing is known."""
+    memory = model.get("memory") or {}
+    estimated: Mapping[str, int] = memory.get("estimated") or {}
+    measured: Mapping[str, int] = memory.get("measured") or {}
+    # Its own devices first, in its order; then others it was measured on (a GPU model's host
+    # memory on "cpu").
+    devices = dict.fromkeys([*(model.get("devices") or []), *estimated, *measured])
+    parts = [
+        f"{device} {format_size(measured[device] if device in measured else estimated[device])}"
+        for device in devices
+        if device in measured or device in estimated
+    ]
+    return " + ".join(parts) or "-"
+
+
+def _state_cell(model: Mapping[str, Any]) -> str:
+    """The state, with what keeps the model loaded: ``ready (pinned, preload)``."""
+    marks = [mark for mark in ("pinned", "preload") if model.get(mark)]
+    state = _cell(model.get("state"))
+    return f"{state} ({', '.join(marks)})" if marks else state
+
+
 def models_table(status: Mapping[str, Any]) -> Table:
     """The models of an ``/admin/status`` answer."""
     # The daemon's clock, not ours: uptime is its "now" minus the model's start.
     now = float(status.get("started_at") or 0) + float(status.get("uptime_s") or 0)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("MODEL", "STATE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "UPTIME", "RESTARTS"):
+    columns = ("MODEL", "STATE", "PID", "PORT", "IN-FLIGHT", "QUEUED", "UPTIME", "RESTARTS")
+    for column in (*columns, "MEMORY"):
         if column in ("PID", "PORT", "IN-FLIGHT", "QUEUED", "RESTARTS"):
             table.add_column(column, justify="right", no_wrap=True)
         else:
@@ -70,7 +99,7 @@ def models_table(status: Mapping[str, Any]) -> Table:
         started = model.get("started_at")
         table.add_row(
             name,
-            _cell(model.get("state")),
+            _state_cell(model),
             _cell(model.get("pid")),
             _cell(model.get("port")),
             _cell(model.get("in_flight")),
@@ -79,8 +108,23 @@ def models_table(status: Mapping[str, Any]) -> Table:
             if started is not None and model.get("pid") is not None
             else "-",
             _cell(model.get("restarts")),
+            memory_cell(model),
             first_line(model.get("last_error")),
         )
+    return table
+
+
+def devices_table(status: Mapping[str, Any]) -> Table:
+    """The memory budgets of an ``/admin/status`` answer: per device, its budget, what the
+    models holding memory count on it, and what is left."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("DEVICE", no_wrap=True)
+    for column in ("BUDGET", "USED", "FREE"):
+        table.add_column(column, justify="right", no_wrap=True)
+    devices: Mapping[str, Mapping[str, int]] = status.get("devices") or {}
+    for device, figures in devices.items():
+        sizes = (format_size(int(figures[key])) for key in ("budget", "used", "free"))
+        table.add_row(Text(device), *sizes)
     return table
 
 

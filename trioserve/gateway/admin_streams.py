@@ -81,7 +81,13 @@ def stream_routes(ctx: AdminContext) -> Blueprint:
                 users = users_status(supervisor, usage)
                 # The MCP endpoint's open sessions and calls in flight; null with it off.
                 mcp = ctx.mcp_counts() if ctx.mcp_counts is not None else None
-                sample = {"at": activity.last_at, "models": models, "users": users, "mcp": mcp}
+                sample = {
+                    "at": activity.last_at,
+                    "models": models,
+                    "users": users,
+                    "mcp": mcp,
+                    "devices": supervisor.devices(),
+                }
                 yield _sse("sample", sample)
 
         response = Response(stream(), content_type="text/event-stream")

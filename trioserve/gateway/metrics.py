@@ -33,14 +33,52 @@ class _ModelCollector(Collector):
         state = GaugeMetricFamily(
             "trioserve_model_state", "1 for the model's current state", labels=["model", "state"]
         )
+        memory = GaugeMetricFamily(
+            "trioserve_model_memory_bytes",
+            "The model's memory per device: estimated before a start (declared or from its "
+            "GGUF), measured once it ran",
+            labels=["model", "device", "kind"],
+        )
+        waiting = GaugeMetricFamily(
+            "trioserve_model_waiting_for_memory",
+            "1 while the model's start waits for memory on its devices",
+            labels=["model"],
+        )
         for name, info in status.items():
             in_flight.add_metric([name], info.in_flight)
             queued.add_metric([name], info.queued)
             for each in _STATES:
                 state.add_metric([name, each], 1.0 if info.state.value == each else 0.0)
+            for kind in ("estimated", "measured"):
+                for device, size in info.memory.get(kind, {}).items():
+                    memory.add_metric([name, device, kind], size)
+            waiting.add_metric([name], 1.0 if info.waiting_for_memory else 0.0)
         yield in_flight
         yield queued
         yield state
+        yield memory
+        yield waiting
+
+
+class _DeviceCollector(Collector):
+    """Each budgeted device's memory (bytes), read from the supervisor at scrape time."""
+
+    def __init__(self, devices: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        self._devices = devices
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        devices = self._devices()
+        for key, documentation in (
+            ("budget", "The device's memory budget ([supervisor] memory)"),
+            ("used", "What placement counts on the device for the models holding memory"),
+            ("free", "The budget less what is used (negative: over budget)"),
+        ):
+            family = GaugeMetricFamily(
+                f"trioserve_device_memory_{key}_bytes", documentation, labels=["device"]
+            )
+            for device, figures in devices.items():
+                family.add_metric([device], figures[key])
+            yield family
 
 
 class _McpCollector(Collector):
@@ -99,6 +137,10 @@ class Metrics:
 
     def watch_models(self, status: Callable[[], Mapping[str, ModelStatus]]) -> None:
         self.registry.register(_ModelCollector(status))
+
+    def watch_devices(self, devices: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """``devices()``: ``{DEV: {"budget", "used", "free"}}`` in bytes, as the status has it."""
+        self.registry.register(_DeviceCollector(devices))
 
     def watch_mcp(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """``counts()``: ``{"sessions", "calls_in_flight"}`` of the MCP endpoint."""

@@ -2,9 +2,10 @@
 //
 // Data flow: one read of /admin/status at load (and after each reconnect), then two streams —
 // /admin/events (lifecycle events: state changes show at once) and /admin/activity (the chart's
-// history, then one sample a second with every model's and user's figures, and the MCP
-// endpoint's: open sessions and calls in flight, null when [mcp] is off). Streams are read
-// with fetch, not EventSource, because EventSource cannot send the admin key as a header.
+// history, then one sample a second with every model's and user's figures, each memory
+// budget's, and the MCP endpoint's: open sessions and calls in flight, null when [mcp] is off).
+// Streams are read with fetch, not EventSource, because EventSource cannot send the admin key
+// as a header.
 //
 // Everything the daemon sends (model names, errors, log lines) is untrusted text: it reaches
 // the page only through textContent and SVG attributes, never as HTML.
@@ -34,6 +35,7 @@ const page = {
   models: {},       // name -> status object (contract fields + tokens_per_s)
   users: {},        // name -> per-user figures
   mcp: null,        // {sessions, calls_in_flight}, or null: no MCP endpoint
+  devices: {},      // device -> {budget, used, free} in bytes; {} without memory budgets
   history: {},      // name -> {at: [], in_flight: [], queued: [], tokens_per_s: []}
   historyLength: 600,
   logsModel: null,
@@ -239,9 +241,11 @@ function applyStatus(status) {
   page.models = Object.assign({}, status.models);
   page.users = Object.assign({}, status.users);
   page.mcp = status.mcp || null;
+  page.devices = status.devices || {};
   $("daemon").textContent = "v" + status.version + " · pid " + status.pid;
   setAccess(status.admin !== false);
   renderModels();
+  renderDevices();
   renderUsers();
   renderMcp();
 }
@@ -262,6 +266,7 @@ function onActivity(name, data) {
     page.models = data.models;
     page.users = data.users;
     page.mcp = data.mcp || null;
+    page.devices = data.devices || {};
     for (const [model, sample] of Object.entries(data.models)) {
       const series = page.history[model] ||
         (page.history[model] = {at: [], in_flight: [], queued: [], tokens_per_s: []});
@@ -277,6 +282,7 @@ function onActivity(name, data) {
       if (!(model in data.models)) delete page.history[model];
     }
     renderModels();
+    renderDevices();
     renderUsers();
     renderMcp();
   }
@@ -307,7 +313,7 @@ function actionButton(label, title, onClick, className) {
 }
 
 const COLUMNS = ["name", "state", "pid", "port", "uptime", "in-flight", "queued", "restarts",
-                 "last-used", "last-error", "actions"];
+                 "last-used", "memory", "last-error", "actions"];
 
 // A model's row is made once and updated in place: a button being clicked, a disabled button
 // (a Load still waiting) or an opened error survive the updates.
@@ -321,6 +327,7 @@ function modelRow(name) {
     row.appendChild(cell);
   }
   row.cells_.name.textContent = name;
+  row.cells_.name.appendChild(el("span", null, "marks"));
   const error = el("details");
   error.appendChild(el("summary"));
   error.appendChild(el("pre"));
@@ -351,6 +358,9 @@ function updateRow(row, model) {
   setText(cells.queued, model.queued ?? 0);
   setText(cells.restarts, model.restarts ?? 0);
   setText(cells["last-used"], ago(model.last_used_at));
+  setText(cells.name.lastChild, [model.pinned && "pinned", model.preload && "preload"]
+    .filter(Boolean).join(" · "));
+  updateMemory(cells.memory, model);
   const error = cells["last-error"].firstChild;
   const text = model.last_error || "";
   error.hidden = !text;
@@ -369,6 +379,100 @@ function renderModels() {
     existing.delete(name);
   });
   for (const row of existing.values()) row.remove();
+  renderModelNotes(names);
+}
+
+// -- memory ---------------------------------------------------------------------------------
+
+// Bytes as the daemon prints them: one decimal in the largest binary unit that fits.
+function formatSize(bytes) {
+  const units = [[2 ** 40, "TiB"], [2 ** 30, "GiB"], [2 ** 20, "MiB"], [2 ** 10, "KiB"]];
+  for (const [unit, name] of units) {
+    if (Math.abs(bytes) >= unit) return (bytes / unit).toFixed(1) + " " + name;
+  }
+  return bytes + " B";
+}
+
+// A model's memory, a line per device: estimated (declared or from its GGUF) and measured,
+// each where known ("cpu: est. 6.0 GiB · measured 5.8 GiB"); "unknown" while neither is.
+// Rebuilt only when a figure changed.
+function updateMemory(cell, model) {
+  const memory = model.memory || {};
+  const estimated = memory.estimated || {};
+  const measured = memory.measured || {};
+  const key = JSON.stringify([estimated, measured]);
+  if (cell.dataset.key === key) return;
+  cell.dataset.key = key;
+  // Its own devices first; then others it was measured on (a GPU model's host memory).
+  const devices = new Set([...(model.devices || []), ...Object.keys(estimated),
+                           ...Object.keys(measured)]);
+  const lines = [];
+  for (const device of devices) {
+    const figures = [];
+    if (device in estimated) figures.push("est. " + formatSize(estimated[device]));
+    if (device in measured) figures.push("measured " + formatSize(measured[device]));
+    if (!figures.length) continue;
+    const line = el("div", null, "memory-device");
+    line.dataset.device = device;
+    line.appendChild(el("span", device + ": ", "device"));
+    line.appendChild(document.createTextNode(figures.join(" · ")));
+    lines.push(line);
+  }
+  if (!lines.length) lines.push(el("span", "unknown", "muted"));
+  cell.replaceChildren(...lines);
+}
+
+// Under the models table: why a model's start waits (memory, a max_loaded slot) and what its
+// memory figures warn of ("measured 7.2 GiB on cuda:0, 20% over the 6.0 GiB declared: …").
+function renderModelNotes(names) {
+  const notes = [];
+  for (const name of names) {
+    const model = page.models[name];
+    if (model.waiting_for) notes.push([name, "waiting", model.waiting_for]);
+    for (const warning of model.warnings || []) {
+      notes.push([name, "warning", warning]);
+    }
+  }
+  const list = $("model-notes");
+  const key = JSON.stringify(notes);
+  list.hidden = !notes.length;
+  if (list.dataset.key === key) return;
+  list.dataset.key = key;
+  list.replaceChildren(...notes.map(([name, kind, text]) => {
+    const item = el("li", null, kind);
+    item.dataset.model = name;
+    item.dataset.kind = kind;
+    item.appendChild(el("strong", name + ": "));
+    item.appendChild(document.createTextNode(text));
+    return item;
+  }));
+}
+
+// Each budgeted device: a gauge of what placement counts there against its budget, and the
+// figures; the section is hidden without budgets.
+function renderDevices() {
+  const entries = Object.entries(page.devices);
+  $("devices-section").hidden = !entries.length;
+  const box = $("devices");
+  const key = JSON.stringify(entries);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(...entries.map(([device, figures]) => {
+    const row = el("div", null, "device-row");
+    row.dataset.device = device;
+    row.appendChild(el("span", device, "device-name"));
+    const gauge = el("meter");
+    gauge.min = 0;
+    gauge.max = Math.max(1, figures.budget);
+    gauge.value = Math.max(0, figures.used);
+    gauge.high = gauge.max * 0.9;  // nearly full: the browser draws it in its warning colour
+    gauge.title = formatSize(figures.used) + " of " + formatSize(figures.budget);
+    row.appendChild(gauge);
+    const text = formatSize(figures.used) + " used of " + formatSize(figures.budget) + " · " +
+      formatSize(figures.free) + " free";
+    row.appendChild(el("span", text, "device-figures" + (figures.free < 0 ? " error" : "")));
+    return row;
+  }));
 }
 
 function notice(text, kind) {
