@@ -245,15 +245,15 @@ async def test_a_start_abandoned_while_waiting_raises_for_no_one(
             raise run.attempt.error or AssertionError("no error")
 
 
-# A start of 5 s on the mocked clock: 200 probes answered 503, one every 25 ms.
-SLOW_START = health_server_cmd("--unhealthy-probes", "200")
+# A start of 1 s on the mocked clock: 40 probes answered 503, one every 25 ms.
+SLOW_START = health_server_cmd("--unhealthy-probes", "40")
 
 
 async def test_a_slow_start_does_not_use_up_the_slice(state_dir: Path, clock: MockClock) -> None:
     config = memory_config(
         state_dir,
         {"a": {"memory": "150 MiB", "cmd": SLOW_START}, "b": {"memory": "150 MiB"}},
-        swap_after=2,
+        swap_after=0.5,
     )
     async with running_supervisor(config) as supervisor, trio.open_nursery() as nursery:
         a = supervisor.models["a"]
@@ -261,15 +261,15 @@ async def test_a_slow_start_does_not_use_up_the_slice(state_dir: Path, clock: Mo
         await trio.sleep(0.1)
         async with started_in_background(supervisor, "b"):
             await until(lambda: a.state is State.READY, supervisor)
-            assert trio.current_time() >= 5  # longer than its slice
+            assert trio.current_time() >= 1  # longer than its slice
             served = 0
             while a.state is State.READY:  # a conversation with a
                 async with supervisor.lease("a"):
                     served += 1
-                await trio.sleep(0.3)
-            # Its slice counted from its start's end: 2 s of requests, not the first alone.
-            assert served >= 6
-            assert trio.current_time() - a.held_since == pytest.approx(2, abs=0.35)
+                await trio.sleep(0.1)
+            # Its slice counted from its start's end: half a second of requests, not one.
+            assert served >= 4
+            assert trio.current_time() - a.held_since == pytest.approx(0.5, abs=0.15)
 
 
 async def test_a_model_ready_with_nobody_waiting_is_taken_as_idle_by_a_waiting_start(
@@ -280,7 +280,7 @@ async def test_a_model_ready_with_nobody_waiting_is_taken_as_idle_by_a_waiting_s
         {"a": {"memory": "150 MiB", "cmd": SLOW_START}, "b": {"memory": "150 MiB"}},
     )
     async with running_supervisor(config) as supervisor:
-        with trio.move_on_after(1):  # a's only client gives up while it loads
+        with trio.move_on_after(0.3):  # a's only client gives up while it loads
             await supervisor.ensure_ready("a")
         with trio.fail_after(60):
             # b waits while a starts; a's start ends with nobody using it: b takes its memory.

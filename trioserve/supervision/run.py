@@ -39,7 +39,6 @@ from trioserve.supervision.process import ChildProcess
 
 __all__ = [
     "CHILD_HOST",
-    "MEASURE_EVERY",
     "CannotPlace",
     "ModelRun",
     "RunHost",
@@ -51,11 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHILD_HOST = "127.0.0.1"
-# s between two measurements of a ready model's memory: it grows as requests touch its KV
-# cache, and a process-group scan is a few milliseconds of a worker thread.
-MEASURE_EVERY = 10.0
 # PSS moves by a few pages from one measurement to the next: growth below this changes no
-# figure, so placement is not woken and the store not written every MEASURE_EVERY for nothing.
+# figure, so placement is not woken and the store not written at every health check.
 _GROWTH_STEP = 0.02
 
 
@@ -458,8 +454,10 @@ class ModelRun:
             store.submit(lambda: store.store.record_memory(key, peak))
 
     async def _keep_measuring(self, child: ChildProcess) -> None:
+        """Measure again at the pace of the health checks: memory grows as requests touch a
+        model's KV cache, and a process-group scan is a few milliseconds of a worker thread."""
         while True:
-            await trio.sleep(MEASURE_EVERY)
+            await trio.sleep(self._host.config.supervisor.health_interval)
             await self._measure(child)
 
     # -- the end -------------------------------------------------------------------------------
