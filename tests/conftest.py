@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from tests.support.config import SpawnCounter
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, ThreadedDaemon
 from tests.support.guard_parent import Adopter
 from tests.support.notify import NotifyPeer
 from tests.support.processes import kill_and_wait, processes_of_state_dir
@@ -114,6 +115,30 @@ def spawn_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         for daemon in started:
             daemon.stop()
         kill_and_wait(processes_of_state_dir(tmp_path))
+
+
+@pytest.fixture
+def threaded_daemon() -> Iterator[Callable[[Path, str], ThreadedDaemon]]:
+    """``threaded_daemon(config_path, url)``: ``spawn_daemon``'s daemon in a thread of this
+    process (``ThreadedDaemon``), for tests that only talk to it; returns once it listens.
+    Teardown: stop every daemon, then kill any model process of their state dirs."""
+    started: list[ThreadedDaemon] = []
+
+    def start(config: Path, url: str) -> ThreadedDaemon:
+        daemon = ThreadedDaemon.start(config, url)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    with contextlib.ExitStack() as stops:
+        # Last, whether a stop failed or not: none should have left anything.
+        stops.callback(
+            lambda: kill_and_wait(
+                [proc for daemon in started for proc in processes_of_state_dir(daemon.state_dir)]
+            )
+        )
+        for daemon in started:
+            stops.callback(daemon.stop)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Every command through typer's CliRunner, against a real daemon running as a subprocess."""
+"""Every command through typer's CliRunner, against a real daemon: in a thread of the test's
+process where the CLI only talks to it, as a subprocess where it stops it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typer.testing import Result
 
 from tests.support.cli import error_line, invoke
 from tests.support.config import daemon_config, echo_cmd, health_server_cmd
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import ThreadedDaemon
 from tests.support.ports import free_port
 from tests.support.processes import alive
 from trioserve_cli.client_cmds import new_lines
@@ -26,7 +27,7 @@ def dead_url() -> str:
 
 
 class Daemon:
-    def __init__(self, proc: DaemonProcess, config: Path, state_dir: Path) -> None:
+    def __init__(self, proc: ThreadedDaemon, config: Path, state_dir: Path) -> None:
         self.proc = proc
         self.config = config
         self.state_dir = state_dir
@@ -39,7 +40,7 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, spawn_daemon: Any) -> Daemon:
+def daemon(tmp_path: Path, threaded_daemon: Any) -> Daemon:
     state_dir = tmp_path / "state"
     config, url = daemon_config(
         tmp_path / "c.toml",
@@ -51,7 +52,7 @@ def daemon(tmp_path: Path, spawn_daemon: Any) -> Daemon:
         },
         supervisor={"max_loaded": 3},
     )
-    return Daemon(spawn_daemon(config, url), config, state_dir)
+    return Daemon(threaded_daemon(config, url), config, state_dir)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -179,13 +180,13 @@ def test_status_of_a_server_that_is_not_trioserve(daemon: Daemon) -> None:
 # -- api keys ------------------------------------------------------------------------------------
 
 
-def test_api_key_option_and_env(tmp_path: Path, spawn_daemon: Any) -> None:
+def test_api_key_option_and_env(tmp_path: Path, threaded_daemon: Any) -> None:
     config, url = daemon_config(
         tmp_path / "c.toml",
         tmp_path / "state",
         server={"api_keys": ["user-key"], "admin_keys": ["admin-key"]},
     )
-    spawn_daemon(config, url)
+    threaded_daemon(config, url)
     refused = invoke(["status", "--url", url])
     assert refused.exit_code == 1
     assert error_line(refused) == (
@@ -331,18 +332,21 @@ def test_client_commands_without_daemon_fail_with_one_line(args: list[str]) -> N
 # -- stop ----------------------------------------------------------------------------------------
 
 
-def test_stop_stops_the_daemon_and_its_children(daemon: Daemon) -> None:
-    child = daemon.proc.load("echo")
-    child_pid = daemon.proc.status()["models"]["echo"]["pid"]
+def test_stop_stops_the_daemon_and_its_children(tmp_path: Path, spawn_daemon: Any) -> None:
+    # A subprocess: `stop` signals the daemon's pid.
+    config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state")
+    daemon = spawn_daemon(config, url)
+    child = daemon.load("echo")
+    child_pid = daemon.status()["models"]["echo"]["pid"]
     assert child["state"] == "ready"
-    result = invoke(["stop", "--config", str(daemon.config)])
+    result = invoke(["stop", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[0].startswith(f"stopping trioserve pid {daemon.proc.pid} (")
+    assert result.stdout.splitlines()[0].startswith(f"stopping trioserve pid {daemon.pid} (")
     assert re.fullmatch(
-        rf"trioserve pid {daemon.proc.pid} stopped \(\d+\.\ds\)", result.stdout.splitlines()[1]
+        rf"trioserve pid {daemon.pid} stopped \(\d+\.\ds\)", result.stdout.splitlines()[1]
     )
     # Exited, not just signalled: reaping it here must not block.
-    assert daemon.proc.wait(timeout=1) == 0
+    assert daemon.wait(timeout=1) == 0
     assert not psutil.pid_exists(child_pid)
 
 

@@ -1,6 +1,6 @@
-"""``trioserve status`` on memory placement, through typer's CliRunner against a real daemon
-subprocess: the MEMORY column, pinned and preload in the STATE column, the devices' budgets,
-and a line per waiting model and per warning."""
+"""``trioserve status`` on memory placement, through typer's CliRunner against a real daemon in
+a thread of the test's process: the MEMORY column, pinned and preload in the STATE column, the
+devices' budgets, and a line per waiting model and per warning."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def model_line(lines: list[str], name: str) -> str:
 
 
 def test_status_shows_memory_budgets_and_why_a_model_waits(
-    tmp_path: Path, spawn_daemon: Any
+    tmp_path: Path, threaded_daemon: Any
 ) -> None:
-    daemon = memory_daemon(tmp_path, spawn_daemon)
+    daemon = memory_daemon(tmp_path, threaded_daemon)
     with model_waits(daemon) as status:
         lines = status_lines(daemon.url)
         as_json = json.loads(invoke(["status", "--json", "--url", daemon.url]).stdout)
@@ -64,14 +64,14 @@ def test_status_shows_memory_budgets_and_why_a_model_waits(
 
 
 def test_status_warns_of_a_model_measured_over_its_declared_size(
-    tmp_path: Path, spawn_daemon: Any
+    tmp_path: Path, threaded_daemon: Any
 ) -> None:
     models: dict[str, dict[str, Any]] = {
         "small": {"cmd": echo_cmd("--model-name", "small"), "memory": "1 MiB"},
         "idle": {"cmd": echo_cmd("--model-name", "idle")},
     }
     config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state", models)
-    daemon = spawn_daemon(config, url)
+    daemon = threaded_daemon(config, url)
     daemon.load("small")
     measured = daemon.status()["models"]["small"]["memory"]["measured"]["cpu"]
     lines = status_lines(url)

@@ -1,6 +1,7 @@
 """``trioserve reload``: exit 0 with a one-line summary once the new config is in force, 1 with
-the daemon's reason when it refused, 1 when no daemon runs. Against a real ``trioserve start``;
-through CliRunner, and a few through the installed console script."""
+the daemon's reason when it refused, 1 when no daemon runs. Against a real daemon, in a thread
+of the test's process (a ``trioserve start`` where the process is checked or the console script
+runs); through CliRunner, and a few through the installed console script."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.support.cli import error_line, invoke, run_trioserve
 from tests.support.config import echo_cmd, write_config
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, ThreadedDaemon
 from tests.support.ports import free_port, port_range
 
 Spawn = Callable[..., DaemonProcess]
@@ -53,13 +54,15 @@ def setup(tmp_path: Path) -> Setup:
 
 
 @pytest.fixture
-def running(setup: Setup, spawn_daemon: Spawn) -> Iterator[DaemonProcess]:
+def running(
+    setup: Setup, threaded_daemon: Callable[[Path, str], ThreadedDaemon]
+) -> Iterator[ThreadedDaemon]:
     setup.write()
-    yield spawn_daemon(setup.path, setup.url)
+    yield threaded_daemon(setup.path, setup.url)
 
 
 def test_reload_exits_0_with_the_summary_once_in_force(
-    setup: Setup, running: DaemonProcess
+    setup: Setup, running: ThreadedDaemon
 ) -> None:
     setup.write(("echo", "fresh"))
     result = invoke(["reload", "--config", str(setup.path)])
@@ -80,7 +83,7 @@ def test_reload_exits_0_with_the_summary_once_in_force(
 
 
 def test_reload_of_an_invalid_file_exits_1_with_the_daemons_reason(
-    setup: Setup, running: DaemonProcess
+    setup: Setup, running: ThreadedDaemon
 ) -> None:
     # Not even TOML: the daemon is still found (through the state dir the file names), and
     # it is the daemon that says what is wrong, with the file, and refuses.
@@ -104,7 +107,10 @@ def test_reload_of_an_invalid_file_exits_1_with_the_daemons_reason(
     assert setup.models() == ["echo"]
 
 
-def test_reload_that_needs_a_restart_exits_1(setup: Setup, running: DaemonProcess) -> None:
+def test_reload_that_needs_a_restart_exits_1(setup: Setup, spawn_daemon: Spawn) -> None:
+    # A subprocess: that it still runs is checked.
+    setup.write()
+    running = spawn_daemon(setup.path, setup.url)
     setup.port = free_port()
     setup.write()
     result = invoke(["reload", "--config", str(setup.path)])
@@ -142,9 +148,11 @@ def test_reload_waits_at_most_timeout_for_a_daemon_that_does_not_answer(setup: S
     assert took < 5
 
 
-def test_reload_presents_an_admin_key(setup: Setup, spawn_daemon: Spawn) -> None:
+def test_reload_presents_an_admin_key(
+    setup: Setup, threaded_daemon: Callable[[Path, str], ThreadedDaemon]
+) -> None:
     setup.write(admin_keys=["adm-1"])
-    spawn_daemon(setup.path, setup.url)
+    threaded_daemon(setup.path, setup.url)
     setup.write(("echo", "fresh"), admin_keys=["adm-1"])
     # Over TCP (--url), the key given is what counts.
     result = invoke(

@@ -2,8 +2,9 @@
 no ``--url`` is given, this account can connect to it and the running daemon is what serves it;
 else the URL with ``--api-key``, the config's admin key or the local admin token — those two only
 to the URL the running daemon recorded. The decision on its own first (config files, token
-files, sockets and a daemon row made in the test), then the commands against a real ``trioserve
-start``; HTTPS with certificates made in the test."""
+files, sockets and a daemon row made in the test), then the commands against a real daemon (in
+a thread of the test's process, a ``trioserve start`` where its log is read); HTTPS with
+certificates made in the test."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ import pytest
 from tests.support.admin import admin_token
 from tests.support.cli import error_line, invoke
 from tests.support.config import echo_cmd, write_config
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonHandle, DaemonProcess, ThreadedDaemon
 from tests.support.ports import free_port, port_range
 from tests.support.tls import Certificates
 from trioserve.host.admin_files import write_admin_token
@@ -414,11 +415,14 @@ def test_no_socket_when_the_config_turns_it_off(short_dir: Path) -> None:
 # -- against a daemon ----------------------------------------------------------------------------
 
 
-class Daemon:
-    """``trioserve start`` with the default admin settings (admin_keys empty, the admin
-    socket at its default place, admin_over_tcp = "keys") and one echo model."""
+Handle = TypeVar("Handle", bound=DaemonHandle)
 
-    def __init__(self, proc: DaemonProcess, config: Path, state_dir: Path) -> None:
+
+class Daemon(Generic[Handle]):
+    """A daemon with the default admin settings (admin_keys empty, the admin socket at its
+    default place, admin_over_tcp = "keys") and one echo model."""
+
+    def __init__(self, proc: Handle, config: Path, state_dir: Path) -> None:
         self.proc = proc
         self.config = config
         self.state_dir = state_dir
@@ -439,7 +443,10 @@ class Daemon:
         return str(status["models"][model]["state"])
 
 
-def start_daemon(directory: Path, spawn_daemon: Any, **server: Any) -> Daemon:
+def start_daemon(
+    directory: Path, start: Callable[[Path, str], Handle], **server: Any
+) -> Daemon[Handle]:
+    """``Daemon``, started by ``start`` (``threaded_daemon`` or ``spawn_daemon``)."""
     state_dir = directory / "s"
     port = free_port()
     config = write_config(
@@ -450,15 +457,17 @@ def start_daemon(directory: Path, spawn_daemon: Any, **server: Any) -> Daemon:
         server=server,
         supervisor={"port_range": port_range()},
     )
-    return Daemon(spawn_daemon(config, f"http://127.0.0.1:{port}"), config, state_dir)
+    return Daemon(start(config, f"http://127.0.0.1:{port}"), config, state_dir)
 
 
 @pytest.fixture
-def daemon(short_dir: Path, spawn_daemon: Any) -> Daemon:
-    return start_daemon(short_dir, spawn_daemon)
+def daemon(
+    short_dir: Path, threaded_daemon: Callable[[Path, str], ThreadedDaemon]
+) -> Daemon[ThreadedDaemon]:
+    return start_daemon(short_dir, threaded_daemon)
 
 
-def test_tcp_admin_writes_need_the_token_the_cli_sends(daemon: Daemon) -> None:
+def test_tcp_admin_writes_need_the_token_the_cli_sends(daemon: Daemon[ThreadedDaemon]) -> None:
     # What the CLI is spared: the daemon refuses a keyless admin write over TCP.
     refused = httpx.post(f"{daemon.url}/admin/models/echo/load", timeout=10, trust_env=False)
     assert refused.status_code == 401
@@ -472,7 +481,11 @@ def test_tcp_admin_writes_need_the_token_the_cli_sends(daemon: Daemon) -> None:
     assert daemon.state() == "stopped"
 
 
-def test_without_url_the_admin_socket_needs_no_token(daemon: Daemon) -> None:
+def test_without_url_the_admin_socket_needs_no_token(
+    short_dir: Path, spawn_daemon: Callable[[Path, str], DaemonProcess]
+) -> None:
+    # A subprocess: its log is read.
+    daemon = start_daemon(short_dir, spawn_daemon)
     if not daemon.socket.exists():
         pytest.skip("this daemon has no admin socket yet")
     daemon.hide_token()
@@ -493,9 +506,9 @@ def test_without_url_the_admin_socket_needs_no_token(daemon: Daemon) -> None:
 
 
 def test_no_socket_no_token_no_key_is_one_line_saying_what_to_do(
-    short_dir: Path, spawn_daemon: Any
+    short_dir: Path, threaded_daemon: Any
 ) -> None:
-    daemon = start_daemon(short_dir, spawn_daemon, admin_socket="")
+    daemon = start_daemon(short_dir, threaded_daemon, admin_socket="")
     daemon.hide_token()
     result = daemon.invoke("models", "unload", "echo")
     assert result.exit_code == 1, result.output
@@ -509,7 +522,9 @@ def test_no_socket_no_token_no_key_is_one_line_saying_what_to_do(
     assert error_line(logs).startswith("trioserve: GET /admin/models/echo/logs needs admin, and ")
 
 
-def test_an_explicit_url_with_the_socket_there_says_to_leave_it_out(daemon: Daemon) -> None:
+def test_an_explicit_url_with_the_socket_there_says_to_leave_it_out(
+    daemon: Daemon[ThreadedDaemon],
+) -> None:
     if not daemon.socket.exists():
         pytest.skip("this daemon has no admin socket yet")
     daemon.hide_token()
@@ -521,7 +536,9 @@ def test_an_explicit_url_with_the_socket_there_says_to_leave_it_out(daemon: Daem
     )
 
 
-def test_a_config_of_another_daemon_sends_no_token(daemon: Daemon, tmp_path: Path) -> None:
+def test_a_config_of_another_daemon_sends_no_token(
+    daemon: Daemon[ThreadedDaemon], tmp_path: Path
+) -> None:
     other = write_config(tmp_path / "other.toml", tmp_path / "other-state", free_port())
     result = invoke(["models", "unload", "echo", "--url", daemon.url], TRIOSERVE_CONFIG=str(other))
     assert result.exit_code == 1, result.output
@@ -539,8 +556,10 @@ def test_a_config_of_another_daemon_sends_no_token(daemon: Daemon, tmp_path: Pat
     assert result.exit_code == 0, result.output
 
 
-def test_a_key_the_daemon_refuses_is_said_in_its_words(short_dir: Path, spawn_daemon: Any) -> None:
-    daemon = start_daemon(short_dir, spawn_daemon, admin_keys=["adm-1"], admin_socket="")
+def test_a_key_the_daemon_refuses_is_said_in_its_words(
+    short_dir: Path, threaded_daemon: Any
+) -> None:
+    daemon = start_daemon(short_dir, threaded_daemon, admin_keys=["adm-1"], admin_socket="")
     result = daemon.invoke("models", "unload", "echo", "--api-key", "wrong")
     assert result.exit_code == 1
     assert error_line(result).startswith("trioserve: an admin key is required"), result.stderr
@@ -557,7 +576,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 class TlsDaemon:
-    def __init__(self, directory: Path, spawn_daemon: Any, certs: Certificates, **tls: Any) -> None:
+    def __init__(
+        self, directory: Path, threaded_daemon: Any, certs: Certificates, **tls: Any
+    ) -> None:
         state_dir = directory / "s"
         port, health = free_port(), free_port()
         self.config = write_config(
@@ -568,8 +589,8 @@ class TlsDaemon:
             server={"health_port": health, "admin_socket": "", **certs.server_settings(**tls)},
             supervisor={"port_range": port_range()},
         )
-        # Waited for on the plain-HTTP health port.
-        self.proc = spawn_daemon(self.config, f"http://127.0.0.1:{health}")
+        # The handle's own client speaks plain HTTP: to the health port.
+        self.proc = threaded_daemon(self.config, f"http://127.0.0.1:{health}")
         self.url = f"https://127.0.0.1:{port}"
         self.certs = certs
 
@@ -577,8 +598,8 @@ class TlsDaemon:
         return invoke([*args, "--url", self.url], TRIOSERVE_CONFIG=str(self.config), **env)
 
 
-def test_https_with_ca_cert(short_dir: Path, spawn_daemon: Any, certs: Certificates) -> None:
-    daemon = TlsDaemon(short_dir, spawn_daemon, certs)
+def test_https_with_ca_cert(short_dir: Path, threaded_daemon: Any, certs: Certificates) -> None:
+    daemon = TlsDaemon(short_dir, threaded_daemon, certs)
     ca = str(certs.ca_pem)
     status = daemon.invoke("status", "--ca-cert", ca)
     assert status.exit_code == 0, status.output
@@ -607,9 +628,9 @@ def test_https_with_ca_cert(short_dir: Path, spawn_daemon: Any, certs: Certifica
 
 
 def test_https_with_a_client_certificate(
-    short_dir: Path, spawn_daemon: Any, certs: Certificates
+    short_dir: Path, threaded_daemon: Any, certs: Certificates
 ) -> None:
-    daemon = TlsDaemon(short_dir, spawn_daemon, certs, client_ca=True)
+    daemon = TlsDaemon(short_dir, threaded_daemon, certs, client_ca=True)
     ca = str(certs.ca_pem)
     without = daemon.invoke("models", "list", "--ca-cert", ca)
     assert without.exit_code == 1

@@ -1,10 +1,12 @@
 """``trioserve ui [--open]``: the status page's address, with the local admin token in its
 fragment when this account can read it and the address is the one the state folder's running
-daemon recorded."""
+daemon recorded. Against a real daemon: in a thread of the test's process, a subprocess where
+it stops or the console script runs."""
 
 from __future__ import annotations
 
 import webbrowser
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,14 @@ import pytest
 from tests.support.admin import admin_token
 from tests.support.cli import invoke, run_trioserve
 from tests.support.config import echo_cmd, write_config
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonHandle
 from tests.support.ports import free_port, port_range
 
 
 class Setup:
-    def __init__(self, directory: Path, spawn_daemon: Any, **server: Any) -> None:
+    def __init__(
+        self, directory: Path, start: Callable[[Path, str], DaemonHandle], **server: Any
+    ) -> None:
         self.state_dir = directory / "s"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -31,15 +35,15 @@ class Setup:
             server=server,
             supervisor={"port_range": port_range()},
         )
-        self.proc: DaemonProcess = spawn_daemon(self.config, self.url)
+        self.proc = start(self.config, self.url)
 
     def ui(self, *args: str) -> Any:
         return invoke(["ui", *args], TRIOSERVE_CONFIG=str(self.config))
 
 
 @pytest.fixture
-def setup(short_dir: Path, spawn_daemon: Any) -> Setup:
-    return Setup(short_dir, spawn_daemon)
+def setup(short_dir: Path, threaded_daemon: Any) -> Setup:
+    return Setup(short_dir, threaded_daemon)
 
 
 def test_ui_prints_the_page_with_the_token_that_makes_its_reader_admin(setup: Setup) -> None:
@@ -77,7 +81,10 @@ def test_ui_puts_the_token_only_into_its_own_daemons_address(setup: Setup) -> No
     assert result.stdout == f"{setup.url}/ui\n"
 
 
-def test_ui_puts_no_token_into_the_configs_address_while_no_daemon_runs(setup: Setup) -> None:
+def test_ui_puts_no_token_into_the_configs_address_while_no_daemon_runs(
+    short_dir: Path, spawn_daemon: Any
+) -> None:
+    setup = Setup(short_dir, spawn_daemon)
     # Stopped, its token file left behind: whoever listens on the port next is not this daemon.
     setup.proc.stop()
     assert (setup.state_dir / "admin.token").exists()
@@ -86,9 +93,9 @@ def test_ui_puts_no_token_into_the_configs_address_while_no_daemon_runs(setup: S
     assert setup.ui("--url", setup.url).stdout == f"{setup.url}/ui\n"
 
 
-def test_ui_with_admin_keys_carries_no_token(short_dir: Path, spawn_daemon: Any) -> None:
+def test_ui_with_admin_keys_carries_no_token(short_dir: Path, threaded_daemon: Any) -> None:
     # The token is no key then; the page asks for one itself.
-    setup = Setup(short_dir, spawn_daemon, admin_keys=["adm-1"])
+    setup = Setup(short_dir, threaded_daemon, admin_keys=["adm-1"])
     assert setup.ui().stdout == f"{setup.url}/ui\n"
 
 
@@ -115,7 +122,8 @@ def test_ui_open_opens_the_printed_address(setup: Setup, monkeypatch: pytest.Mon
 
 
 @pytest.mark.slow
-def test_ui_through_the_console_script(setup: Setup) -> None:
+def test_ui_through_the_console_script(short_dir: Path, spawn_daemon: Any) -> None:
+    setup = Setup(short_dir, spawn_daemon)
     result = run_trioserve("ui", "--config", str(setup.config))
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{setup.url}/ui#token={admin_token(setup.state_dir)}\n"

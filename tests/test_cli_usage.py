@@ -1,10 +1,12 @@
 """``trioserve users --since``: per-user totals over a span, from the state store
-(``GET /admin/usage``), so they survive a restart; against a real ``trioserve start``."""
+(``GET /admin/usage``), so they survive a restart; against a real daemon, in a thread of the
+test's process (a subprocess for the restart)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 
 from tests.support.cli import error_line, invoke
 from tests.support.config import echo_cmd, write_toml
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonHandle
 from tests.support.http import chat
 from tests.support.ports import free_port, port_range
 
@@ -24,12 +26,13 @@ TOTALS = ["requests", "prompt_tokens", "completion_tokens"]
 
 
 class Users:
-    """A daemon with users alice and bob and one echo model, restartable on its config."""
+    """A daemon with users alice and bob and one echo model, restartable on its config;
+    started by ``start`` (``threaded_daemon`` or ``spawn_daemon``)."""
 
-    def __init__(self, directory: Path, spawn_daemon: Any) -> None:
+    def __init__(self, directory: Path, start: Callable[[Path, str], DaemonHandle]) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.spawn = spawn_daemon
+        self.start = start
         self.config = write_toml(
             directory / "users.toml",
             {
@@ -39,11 +42,11 @@ class Users:
                 "users": {"alice": {"api_keys": [ALICE]}, "bob": {"api_keys": [BOB]}},
             },
         )
-        self.proc: DaemonProcess = spawn_daemon(self.config, self.url)
+        self.proc = start(self.config, self.url)
 
     def restart(self) -> None:
         self.proc.stop()
-        self.proc = self.spawn(self.config, self.url)
+        self.proc = self.start(self.config, self.url)
 
     def chat(self, key: str, text: str) -> None:
         response = httpx.post(
@@ -65,7 +68,7 @@ class Users:
 
     def wait_for_requests(self, user: str, count: int, timeout: float = 10) -> dict[str, Any]:
         """The usage once ``user`` has ``count`` requests in the store (at most 1 s behind)."""
-        # Polling is the honest tool here: another process, with no ready signal to us.
+        # Polling is the honest tool here: another process or thread, with no ready signal to us.
         deadline = time.monotonic() + timeout
         while True:
             usage = self.usage()
@@ -82,11 +85,15 @@ def rows(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture
-def users(short_dir: Path, spawn_daemon: Any) -> Users:
-    return Users(short_dir, spawn_daemon)
+def users(short_dir: Path, threaded_daemon: Any) -> Users:
+    return Users(short_dir, threaded_daemon)
 
 
-def test_users_since_shows_the_totals_the_store_kept_across_a_restart(users: Users) -> None:
+def test_users_since_shows_the_totals_the_store_kept_across_a_restart(
+    short_dir: Path, spawn_daemon: Any
+) -> None:
+    # A restart of the daemon process, as in use.
+    users = Users(short_dir, spawn_daemon)
     users.chat(ALICE, "one two three")
     users.chat(ALICE, "four")
     users.chat(BOB, "five")

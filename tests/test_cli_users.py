@@ -1,12 +1,12 @@
 """``trioserve users`` and the users section of ``trioserve status``, through typer's CliRunner
-against a real daemon subprocess (and once through the installed console script)."""
+against a real daemon in a thread of the test's process (and once through the installed
+console script, against a daemon subprocess)."""
 
 from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.cli import error_line, invoke, run_trioserve
 from tests.support.config import echo_cmd, write_toml
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonHandle
 from tests.support.http import chat, raw_address, raw_post
 from tests.support.ports import free_port, port_range
 
@@ -28,12 +28,13 @@ STATUS_KEYS = ["in_flight", "queued", "requests", "prompt_tokens", "completion_t
 
 def users_daemon(
     tmp_path: Path,
-    spawn_daemon: Any,
+    start: Callable[[Path, str], DaemonHandle],
     *echo_options: str,
     server: dict[str, Any] | None = None,
     **model: Any,
-) -> DaemonProcess:
-    """A daemon subprocess with users alice and bob and one ``echo`` model."""
+) -> DaemonHandle:
+    """A daemon with users alice and bob and one ``echo`` model, started by ``start``
+    (``threaded_daemon`` or ``spawn_daemon``)."""
     port = free_port()
     config = write_toml(
         tmp_path / "users.toml",
@@ -49,8 +50,7 @@ def users_daemon(
             "users": {"alice": {"api_keys": [ALICE]}, "bob": {"api_keys": [BOB], "weight": 2}},
         },
     )
-    daemon: DaemonProcess = spawn_daemon(config, f"http://127.0.0.1:{port}")
-    return daemon
+    return start(config, f"http://127.0.0.1:{port}")
 
 
 def post(url: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def expected_row(entry: dict[str, int]) -> list[str]:
 
 
 @contextmanager
-def waiting_requests(daemon: DaemonProcess, *keys: str) -> Iterator[None]:
+def waiting_requests(daemon: DaemonHandle, *keys: str) -> Iterator[None]:
     """One long streamed request per key, in this order, each on its own connection and left
     unanswered until the block ends: the first holds the model's one slot, the others queue.
     Then every connection is closed."""
@@ -86,7 +86,7 @@ def waiting_requests(daemon: DaemonProcess, *keys: str) -> Iterator[None]:
             sock = stack.enter_context(socket.create_connection(raw_address(daemon.url)))
             sock.sendall(raw_post(chat(stream=True), f"Authorization: Bearer {key}".encode()))
             # Arrived before the next one is sent: connections race otherwise.
-            wait_until(daemon, lambda status, count=index + 1: _waiting(status) == count)
+            daemon.wait_status(lambda status, count=index + 1: _waiting(status) == count)
         yield
 
 
@@ -95,23 +95,11 @@ def _waiting(status: dict[str, Any]) -> int:
     return echo["in_flight"] + echo["queued"]
 
 
-def wait_until(daemon: DaemonProcess, check: Any, timeout: float = 10) -> dict[str, Any]:
-    """Poll the daemon's status until ``check(status)``; returns the status."""
-    # Polling is the honest tool here: another process, with no ready signal to us.
-    deadline = time.monotonic() + timeout
-    while True:
-        status = daemon.status()
-        if check(status):
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.02)
-
-
 # -- users ---------------------------------------------------------------------------------------
 
 
-def test_users_shows_requests_and_tokens_per_user(tmp_path: Path, spawn_daemon: Any) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+def test_users_shows_requests_and_tokens_per_user(tmp_path: Path, threaded_daemon: Any) -> None:
+    daemon = users_daemon(tmp_path, threaded_daemon)
     usage = post(daemon.url, ALICE, chat(text="one two three"))["usage"]
     post(daemon.url, ALICE, chat(text="four"))
     result = invoke(["users", "--url", daemon.url])
@@ -129,10 +117,10 @@ def test_users_shows_requests_and_tokens_per_user(tmp_path: Path, spawn_daemon: 
 
 
 def test_users_shows_in_flight_and_queued_while_requests_wait(
-    tmp_path: Path, spawn_daemon: Any
+    tmp_path: Path, threaded_daemon: Any
 ) -> None:
     daemon = users_daemon(
-        tmp_path, spawn_daemon, "--tokens", "1000", "--token-delay", "0.02", max_concurrency=1
+        tmp_path, threaded_daemon, "--tokens", "1000", "--token-delay", "0.02", max_concurrency=1
     )
     daemon.load("echo")
     with waiting_requests(daemon, ALICE, ALICE, BOB, BOB, BOB):
@@ -142,11 +130,11 @@ def test_users_shows_in_flight_and_queued_while_requests_wait(
         assert rows["alice"][:2] == ["1", "1"]
         assert rows["bob"][:2] == ["0", "3"]
         assert rows["anonymous"][:2] == ["0", "0"]
-    wait_until(daemon, lambda status: status["models"]["echo"]["in_flight"] == 0)
+    daemon.wait_status(lambda status: status["models"]["echo"]["in_flight"] == 0)
 
 
-def test_users_json_is_the_users_of_admin_status(tmp_path: Path, spawn_daemon: Any) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+def test_users_json_is_the_users_of_admin_status(tmp_path: Path, threaded_daemon: Any) -> None:
+    daemon = users_daemon(tmp_path, threaded_daemon)
     post(daemon.url, BOB, chat())
     result = invoke(["users", "--json", "--url", daemon.url])
     assert result.exit_code == 0, result.output
@@ -157,17 +145,17 @@ def test_users_json_is_the_users_of_admin_status(tmp_path: Path, spawn_daemon: A
     assert all(set(entry) == set(STATUS_KEYS) for entry in answer.values())
 
 
-def test_users_uses_trioserve_url(tmp_path: Path, spawn_daemon: Any) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+def test_users_uses_trioserve_url(tmp_path: Path, threaded_daemon: Any) -> None:
+    daemon = users_daemon(tmp_path, threaded_daemon)
     result = invoke(["users", "--json"], TRIOSERVE_URL=daemon.url)
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)) == {"alice", "bob", "anonymous"}
 
 
 def test_users_needs_the_admin_key_when_one_is_configured(
-    tmp_path: Path, spawn_daemon: Any
+    tmp_path: Path, threaded_daemon: Any
 ) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon, server={"admin_keys": ["admin-key"]})
+    daemon = users_daemon(tmp_path, threaded_daemon, server={"admin_keys": ["admin-key"]})
     refused = invoke(["users", "--url", daemon.url])
     assert refused.exit_code == 1
     assert error_line(refused) == (
@@ -188,8 +176,8 @@ def test_users_without_daemon_fails_with_one_line() -> None:
     assert result.stderr == f"trioserve: no daemon answers at {url}\n"
 
 
-def test_users_of_a_server_that_is_not_trioserve(tmp_path: Path, spawn_daemon: Any) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+def test_users_of_a_server_that_is_not_trioserve(tmp_path: Path, threaded_daemon: Any) -> None:
+    daemon = users_daemon(tmp_path, threaded_daemon)
     port = daemon.load("echo")["port"]
     result = invoke(["users", "--url", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 1
@@ -219,9 +207,9 @@ def test_users_through_the_console_script(tmp_path: Path, spawn_daemon: Any) -> 
 
 
 def test_status_shows_the_users_table_after_the_models_table(
-    tmp_path: Path, spawn_daemon: Any
+    tmp_path: Path, threaded_daemon: Any
 ) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+    daemon = users_daemon(tmp_path, threaded_daemon)
     post(daemon.url, BOB, chat())
     result = invoke(["status", "--url", daemon.url])
     assert result.exit_code == 0, result.output
@@ -237,9 +225,9 @@ def test_status_shows_the_users_table_after_the_models_table(
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
 def test_status_users_shows_only_the_users(
-    tmp_path: Path, spawn_daemon: Any, as_json: bool
+    tmp_path: Path, threaded_daemon: Any, as_json: bool
 ) -> None:
-    daemon = users_daemon(tmp_path, spawn_daemon)
+    daemon = users_daemon(tmp_path, threaded_daemon)
     post(daemon.url, ALICE, chat())
     result = invoke(["status", "--users", "--url", daemon.url, *(["--json"] if as_json else [])])
     assert result.exit_code == 0, result.output

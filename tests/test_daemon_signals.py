@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from tests.support.config import write_config
+from tests.support.daemon import ThreadedDaemon
 from tests.support.ports import free_port
 from trioserve.config import Config, load_config
 from trioserve.daemon import DaemonInfo, run_daemon
@@ -119,3 +120,26 @@ async def test_a_reload_that_breaks_unexpectedly_leaves_the_daemon_serving(
             chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
             assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
         stop.set()
+
+
+def test_without_signal_handling_it_runs_and_stops_off_the_main_thread(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    # Off the main thread trio cannot receive signals: with handle_signals=True the start
+    # would fail at once. ThreadedDaemon passes False and stops it with shutdown_trigger.
+    port = free_port()
+    path = write_config(tmp_path / "c.toml", state_dir, port)
+    daemon = ThreadedDaemon.start(path, f"http://127.0.0.1:{port}")
+    try:
+        assert daemon.info is not None and daemon.info.url == daemon.url
+        assert daemon.status()["pid"] == os.getpid()
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        assert daemon.http.post("/v1/chat/completions", json=chat).status_code == 200
+    finally:
+        daemon.stop()
+    # Stopped as a SIGTERM stops it: its model reaped (the autouse fixture checks), nothing
+    # recorded as running, the lock free again.
+    assert live_daemon(StateStore(state_dir)) is None
+    lock = InstanceLock(state_dir)
+    lock.acquire()
+    lock.release()

@@ -1,10 +1,10 @@
 """Memory placement on the status page, in a real browser (Debian's Chromium driven by
-Playwright) against a daemon subprocess: each model's figures, pinned and preload, the memory
-budgets, and why a model waits, all live."""
+Playwright) against a daemon in a thread of the test's process: each model's figures, pinned and
+preload, the memory budgets, and why a model waits, all live."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.support.browser import chromium
 from tests.support.config import daemon_config, echo_cmd
-from tests.support.daemon import DaemonProcess
 from tests.support.memory_wait import memory_daemon, model_waits
 
 
@@ -35,9 +34,9 @@ def open_page(browser: Browser, url: str, errors: list[str], **context: Any) -> 
 
 
 def test_the_page_shows_memory_budgets_and_why_a_model_waits(
-    tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess], browser: Browser
+    tmp_path: Path, threaded_daemon: Any, browser: Browser
 ) -> None:
-    daemon = memory_daemon(tmp_path, spawn_daemon)
+    daemon = memory_daemon(tmp_path, threaded_daemon)
     errors: list[str] = []
     # At a phone's width: the long notes and the gauges wrap rather than widen the page.
     page = open_page(browser, daemon.url, errors, viewport={"width": 390, "height": 844})
@@ -75,10 +74,10 @@ def test_the_page_shows_memory_budgets_and_why_a_model_waits(
 
 
 def test_the_page_shows_no_memory_section_without_budgets(
-    tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess], browser: Browser
+    tmp_path: Path, threaded_daemon: Any, browser: Browser
 ) -> None:
     config, url = daemon_config(tmp_path / "c.toml", tmp_path / "state", {"m": {"cmd": echo_cmd()}})
-    daemon = spawn_daemon(config, url)
+    daemon = threaded_daemon(config, url)
     errors: list[str] = []
     page = open_page(browser, url, errors)
     row = page.locator('#models tr[data-model="m"]')

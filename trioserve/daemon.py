@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -92,6 +92,7 @@ async def run_daemon(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     on_ready: Callable[[], None] | None = None,
     on_phase: Callable[[str], Awaitable[None]] | None = None,
+    handle_signals: bool = True,
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``shutdown_trigger`` returns).
@@ -101,6 +102,11 @@ async def run_daemon(
     process-wide setting itself; the process's owner (``trioserve start``) tunes it there.
     ``on_phase`` is awaited as each phase of the start-up begins (``PHASES``), for callers that
     want to watch it.
+
+    A program that embeds the daemon and owns the process's signals, or runs it off the main
+    thread (where trio cannot receive signals), passes ``handle_signals=False`` and stops it
+    with ``shutdown_trigger``: the daemon then handles no signal, and SIGHUP reloads nothing
+    (``POST /admin/reload`` still does).
     """
     server = config.server
     if not is_loopback(server.host) and not config.all_api_keys and not insecure:
@@ -120,13 +126,19 @@ async def run_daemon(
             '[server] admin_keys, admin_over_tcp = "keys", bind to 127.0.0.1, or pass --insecure.'
         )
     control = DaemonControl(on_phase, on_ready=on_ready, shutdown_trigger=shutdown_trigger)
+    # The signals are ours before the daemon owns anything (lock, guard, leftovers): until a
+    # handler is installed, SIGHUP's default action would end the daemon, and SIGTERM's would
+    # skip the stopping of its children.
+    receiver: AbstractContextManager[AsyncIterator[int] | None] = (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        if handle_signals
+        else nullcontext()
+    )
     try:
-        # The signals are ours before the daemon owns anything (lock, guard, leftovers): until
-        # a handler is installed, SIGHUP's default action would end the daemon, and SIGTERM's
-        # would skip the stopping of its children.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with receiver as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(control.watch_signals, signals, nursery)
+                if signals is not None:
+                    nursery.start_soon(control.watch_signals, signals, nursery)
                 with control.start_scope:
                     await _run_owned(config, control, task_status)
                 nursery.cancel_scope.cancel()

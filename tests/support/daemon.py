@@ -1,13 +1,16 @@
-"""A daemon to test against: in this trio run, as a ``trioserve start`` subprocess, or only its
-supervisor; and a check that nothing of it is left once it stopped."""
+"""A daemon to test against: in this trio run, in a thread of this process, as a ``trioserve
+start`` subprocess, or only its supervisor; and a check that nothing of it is left once it
+stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -131,6 +134,148 @@ async def running_supervisor_with_store(config: Config) -> AsyncIterator[Supervi
             writer.close()
 
 
+# -- over HTTP, however it runs ------------------------------------------------------------------
+
+
+class DaemonHandle:
+    """A daemon started from the config file ``config``, as a test talks to it at ``url``: one
+    HTTP client, its admin, ``load`` and ``status``. ``DaemonProcess`` and ``ThreadedDaemon``
+    add how it runs and stops."""
+
+    def __init__(self, config: Path, url: str) -> None:
+        self.config = config
+        self.url = url
+        self._http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """One client for this daemon's calls, closed by ``stop``: a client made per call
+        costs ~25 ms of CPU (its TLS context), which polls and parallel workers multiply."""
+        if self._http is None:
+            # Idle connections are dropped well before the daemon's keep-alive timeout (5 s),
+            # so that no request goes out on a connection the daemon is closing.
+            limits = httpx.Limits(keepalive_expiry=1)
+            self._http = httpx.Client(base_url=self.url, timeout=30, trust_env=False, limits=limits)
+        return self._http
+
+    @functools.cached_property
+    def admin(self) -> AdminAuth:
+        """Its admin, for ``auth=`` on a call over ``http`` (``tests.support.admin``); found
+        through its config file, so that only a call that needs it reads the file."""
+        return AdminAuth(load_config(self.config).state_dir)
+
+    def load(self, name: str) -> dict[str, Any]:
+        response = self.http.post(f"/admin/models/{name}/load", auth=self.admin)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.http.get("/admin/status", timeout=10).json()
+        return result
+
+    def wait_status(
+        self, check: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        """Poll ``/admin/status`` until ``check(status)``; returns the status."""
+        # Polling is the honest tool here: the daemon sends no ready signal to a test.
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if check(status):
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
+
+    def close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def stop(self) -> None:
+        """Stop the daemon and wait (bounded) until it has; closes ``http``."""
+        raise NotImplementedError
+
+
+# -- in a thread of this process -----------------------------------------------------------------
+
+
+class ThreadedDaemon(DaemonHandle):
+    """The whole daemon in a thread of this process, in a trio run of its own: for tests that
+    only talk to a daemon (the CLI through CliRunner, HTTP clients), without a subprocess's
+    start-up (~0.9 s of CPU, mostly imports this process has done already).
+
+    It handles no signal (``run_daemon(handle_signals=False)``: only the main thread could),
+    and its pid is the test's own: not for tests of ``trioserve stop``, of signals, of the
+    daemon's exit or output.
+    """
+
+    # A start as long as DaemonProcess.wait_healthy allows; a stop past shutdown_grace (15 s
+    # by default, for requests still in flight) and the models' stop_grace.
+    START_WITHIN = 30.0
+    STOP_WITHIN = 30.0
+
+    def __init__(self, config: Path, url: str) -> None:
+        super().__init__(config, url)
+        loaded = load_config(config)
+        self.pid = os.getpid()
+        self.state_dir = loaded.state_dir
+        self.info: DaemonInfo | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(loaded,), name=f"daemon at {url}", daemon=True
+        )
+        self._settled = threading.Event()  # started, or its run ended before
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop = trio.Event()
+
+    @classmethod
+    def start(cls, config: Path, url: str) -> ThreadedDaemon:
+        """Run the daemon of the config file ``config``; returns once it listens (on the
+        port of the config, which ``url`` names)."""
+        daemon = cls(config, url)
+        daemon._thread.start()
+        if not daemon._settled.wait(cls.START_WITHIN):
+            raise AssertionError(f"daemon not started within {cls.START_WITHIN}s")
+        if daemon.info is None:
+            daemon._thread.join(cls.STOP_WITHIN)
+            raise AssertionError("the daemon did not start") from daemon._error
+        return daemon
+
+    def _run(self, config: Config) -> None:
+        try:
+            trio.run(self._serve, config)
+        except BaseException as exc:  # raised in the test's thread, by start or stop
+            self._error = exc
+        finally:
+            self._settled.set()
+
+    async def _serve(self, config: Config) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self.info = await nursery.start(
+                functools.partial(
+                    run_daemon, config, shutdown_trigger=self._stop.wait, handle_signals=False
+                )
+            )
+            self._settled.set()
+
+    def stop(self) -> None:
+        """Shut it down as SIGTERM does, and wait (bounded) for its thread to end; raises
+        what ended its run, if anything did. Closes ``http``."""
+        self.close_http()
+        if self._thread.is_alive() and self._token is not None:
+            # The event belongs to the daemon's run: set from there.
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(self.STOP_WITHIN)
+        if self._thread.is_alive():
+            raise AssertionError(f"daemon not stopped within {self.STOP_WITHIN}s")
+        error, self._error = self._error, None
+        if error is not None:
+            raise AssertionError("the daemon's run failed") from error
+
+
 # -- as a subprocess -----------------------------------------------------------------------------
 
 TRIOSERVE_BIN = Path(sys.executable).parent / "trioserve"
@@ -157,32 +302,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class DaemonProcess:
+class DaemonProcess(DaemonHandle):
     """``trioserve start`` as a subprocess of the test, its output in a file."""
 
     def __init__(self, proc: subprocess.Popen[bytes], config: Path, url: str, log: Path) -> None:
+        super().__init__(config, url)
         self.proc = proc
-        self.config = config
-        self.url = url
         self.log = log
-        self._http: httpx.Client | None = None
-
-    @property
-    def http(self) -> httpx.Client:
-        """One client for this daemon's calls, closed by ``stop``: a client made per call
-        costs ~25 ms of CPU (its TLS context), which polls and parallel workers multiply."""
-        if self._http is None:
-            # Idle connections are dropped well before the daemon's keep-alive timeout (5 s),
-            # so that no request goes out on a connection the daemon is closing.
-            limits = httpx.Limits(keepalive_expiry=1)
-            self._http = httpx.Client(base_url=self.url, timeout=30, trust_env=False, limits=limits)
-        return self._http
-
-    @functools.cached_property
-    def admin(self) -> AdminAuth:
-        """Its admin, for ``auth=`` on a call over ``http`` (``tests.support.admin``); found
-        through its config file, so that only a call that needs it reads the file."""
-        return AdminAuth(load_config(self.config).state_dir)
 
     @classmethod
     def start(
@@ -220,16 +346,6 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"daemon not healthy within {timeout}s:\n{self.stderr()}")
 
-    def load(self, name: str) -> dict[str, Any]:
-        response = self.http.post(f"/admin/models/{name}/load", auth=self.admin)
-        assert response.status_code == 200, response.text
-        result: dict[str, Any] = response.json()
-        return result
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.http.get("/admin/status", timeout=10).json()
-        return result
-
     def wait(self, timeout: float = 20) -> int:
         return self.proc.wait(timeout)
 
@@ -253,9 +369,7 @@ class DaemonProcess:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within 20 s; reaped either way. Closes
         ``http``."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self.close_http()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -11,17 +11,16 @@ measured figures.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.support.config import daemon_config, echo_cmd
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonHandle
 from tests.support.http import chat, raw_address, raw_post
 
-__all__ = ["MIB", "memory_daemon", "model_waits", "wait_until"]
+__all__ = ["MIB", "memory_daemon", "model_waits"]
 
 MIB = 2**20
 
@@ -30,7 +29,7 @@ def _echo(name: str, *options: str) -> list[str]:
     return echo_cmd("--model-name", name, *options)
 
 
-def memory_daemon(tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess]) -> DaemonProcess:
+def memory_daemon(tmp_path: Path, spawn_daemon: Callable[..., DaemonHandle]) -> DaemonHandle:
     """The daemon above, healthy, its preloaded ``p`` ready."""
     models: dict[str, dict[str, Any]] = {
         "p": {"cmd": _echo("p"), "memory": "150 MiB", "pinned": True, "preload": True},
@@ -47,12 +46,12 @@ def memory_daemon(tmp_path: Path, spawn_daemon: Callable[..., DaemonProcess]) ->
         supervisor={"memory": {"cpu": "400 MiB"}, "swap_after": 600, "max_loaded": 4},
     )
     daemon = spawn_daemon(config, url)
-    wait_until(daemon, lambda status: status["models"]["p"]["state"] == "ready")
+    daemon.wait_status(lambda status: status["models"]["p"]["state"] == "ready", timeout=20)
     return daemon
 
 
 @contextmanager
-def model_waits(daemon: DaemonProcess) -> Iterator[dict[str, Any]]:
+def model_waits(daemon: DaemonHandle) -> Iterator[dict[str, Any]]:
     """``a`` loaded and busy with a streamed request, and a request to ``b`` waiting for
     memory; yields the status once ``b`` waits. Both connections are closed at the end (the
     daemon cancels their requests)."""
@@ -60,24 +59,12 @@ def model_waits(daemon: DaemonProcess) -> Iterator[dict[str, Any]]:
     with ExitStack() as stack:
         busy = stack.enter_context(socket.create_connection(raw_address(daemon.url)))
         busy.sendall(raw_post(chat("a", stream=True)))
-        wait_until(daemon, lambda status: status["models"]["a"]["in_flight"] == 1)
+        daemon.wait_status(lambda status: status["models"]["a"]["in_flight"] == 1, timeout=20)
         waiting = stack.enter_context(socket.create_connection(raw_address(daemon.url)))
         waiting.sendall(raw_post(chat("b")))
-        yield wait_until(
-            daemon,
+        yield daemon.wait_status(
             lambda status: (status["models"]["b"]["waiting_for"] or "").startswith(
                 "waiting for memory"
             ),
+            timeout=20,
         )
-
-
-def wait_until(daemon: DaemonProcess, check: Any, timeout: float = 20) -> dict[str, Any]:
-    """Poll the daemon's status until ``check(status)``; returns the status."""
-    # Polling is the honest tool here: another process, with no ready signal to us.
-    deadline = time.monotonic() + timeout
-    while True:
-        status = daemon.status()
-        if check(status):
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.02)
