@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from tests.support.config import echo_cmd, make_config
 from tests.support.daemon import running_daemon, running_supervisor
 from tests.support.gguf import write_gguf
-from tests.support.http import assert_openai_error
+from tests.support.http import assert_openai_error, streaming
 from tests.support.status import load_model
 from trioserve.daemon import DaemonError, run_daemon
 from trioserve.errors import ConfigError
@@ -61,16 +60,7 @@ async def test_a_request_waiting_for_memory_is_told_why_and_504_says_it(state_di
     slow = {"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}
     async with running_daemon(config, admin=True) as (_, client):
         await load_model(client, "a")
-        async with trio.open_nursery() as nursery:
-            busy = trio.Event()
-
-            async def keep_a_busy() -> None:
-                async with client.stream("POST", "/v1/chat/completions", json=slow) as response:
-                    busy.set()
-                    await response.aread()
-
-            nursery.start_soon(keep_a_busy)
-            await busy.wait()
+        async with streaming(client, slow):  # a is busy
             comments: list[str] = []
             async with client.stream(
                 "POST", "/v1/chat/completions", json={**chat, "stream": True}
@@ -80,7 +70,6 @@ async def test_a_request_waiting_for_memory_is_told_why_and_504_says_it(state_di
                         comments.append(line)
                         break
             answer = await client.post("/v1/chat/completions", json=chat)
-            nursery.cancel_scope.cancel()
     assert comments[0].startswith(f": {WAITING} ("), comments
     error = assert_openai_error(answer, 504, "timeout")
     assert f"its start was {WAITING}" in error["message"]

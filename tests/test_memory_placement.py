@@ -194,50 +194,49 @@ async def test_the_start_waiting_longest_goes_first(state_dir: Path, clock: Mock
                 assert not c_ready.is_set()
 
 
-async def test_a_start_nobody_waits_for_gives_its_place_up(
-    state_dir: Path, clock: MockClock
-) -> None:
-    sizes = {"memory": "150 MiB"}
-    config = memory_config(state_dir, {"a": sizes, "b": sizes}, swap_after=10)
-    async with running_supervisor(config) as supervisor:
-        b = supervisor.models["b"]
-        async with supervisor.lease("a"):
-            with trio.move_on_after(3):  # a client gives up after 3 s
-                await supervisor.ensure_ready("b")
-            assert b.state is State.STARTING and b.waiting_for is not None
-            await until(lambda: b.state is State.STOPPED, supervisor)
-            # a was never asked to yield, though its slice is long over.
-            await trio.sleep(60)
-            assert supervisor.models["a"].state is State.READY
-        assert b.waiting_for is None
-
-
-async def test_an_abandoned_start_waits_a_moment_for_the_next_request(
-    state_dir: Path, clock: MockClock
-) -> None:
-    sizes = {"memory": "150 MiB"}
-    config = memory_config(state_dir, {"a": sizes, "b": sizes}, swap_after=10)
-    async with running_supervisor(config) as supervisor:
-        b = supervisor.models["b"]
-        async with supervisor.lease("a"):
-            with trio.move_on_after(3):
-                await supervisor.ensure_ready("b")
-            run = b.run
-            await trio.sleep(ABANDON_AFTER / 2)
-            async with started_in_background(supervisor, "b") as b_ready:
-                await trio.sleep(5)
-                assert b.run is run and b.state is State.STARTING  # the same start goes on
-            assert not b_ready.is_set()
-
-
-async def test_a_start_abandoned_while_waiting_raises_for_no_one(
-    state_dir: Path, clock: MockClock
-) -> None:
+@asynccontextmanager
+async def b_given_up_while_a_is_busy(state_dir: Path) -> AsyncIterator[Supervisor]:
+    """a busy for the block; b, which needs a's memory, was asked for by a client that gave up
+    after 3 s (b's start still waits for memory, and nobody for it)."""
     sizes = {"memory": "150 MiB"}
     config = memory_config(state_dir, {"a": sizes, "b": sizes}, swap_after=10)
     async with running_supervisor(config) as supervisor, supervisor.lease("a"):
         with trio.move_on_after(3):
             await supervisor.ensure_ready("b")
+        assert supervisor.models["b"].state is State.STARTING
+        yield supervisor
+
+
+async def test_a_start_nobody_waits_for_gives_its_place_up(
+    state_dir: Path, clock: MockClock
+) -> None:
+    async with b_given_up_while_a_is_busy(state_dir) as supervisor:
+        b = supervisor.models["b"]
+        assert b.waiting_for is not None
+        await until(lambda: b.state is State.STOPPED, supervisor)
+        assert b.waiting_for is None
+        # a was never asked to yield, though its slice is long over.
+        await trio.sleep(60)
+        assert supervisor.models["a"].state is State.READY
+
+
+async def test_an_abandoned_start_waits_a_moment_for_the_next_request(
+    state_dir: Path, clock: MockClock
+) -> None:
+    async with b_given_up_while_a_is_busy(state_dir) as supervisor:
+        b = supervisor.models["b"]
+        run = b.run
+        await trio.sleep(ABANDON_AFTER / 2)
+        async with started_in_background(supervisor, "b") as b_ready:
+            await trio.sleep(5)
+            assert b.run is run and b.state is State.STARTING  # the same start goes on
+        assert not b_ready.is_set()
+
+
+async def test_a_start_abandoned_while_waiting_raises_for_no_one(
+    state_dir: Path, clock: MockClock
+) -> None:
+    async with b_given_up_while_a_is_busy(state_dir) as supervisor:
         run = supervisor.models["b"].run
         assert run is not None
         await run.stopped.wait()

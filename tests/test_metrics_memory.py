@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.config import echo_cmd, make_config
 from tests.support.daemon import running_daemon
-from tests.support.http import chat
+from tests.support.http import chat, streaming
 from tests.support.status import load_model, wait_for_status
 
 MIB = 2**20
@@ -59,19 +59,11 @@ async def test_metrics_show_budgets_model_memory_and_a_model_waiting_for_it(
     slow = chat("a", stream=True)
     async with running_daemon(config, admin=True) as (_, client):
         await load_model(client, "a")
-        async with trio.open_nursery() as nursery:
-            busy = trio.Event()
-
-            async def keep_a_busy() -> None:
-                async with client.stream("POST", "/v1/chat/completions", json=slow) as response:
-                    busy.set()
-                    await response.aread()
+        async with streaming(client, slow), trio.open_nursery() as nursery:  # a is busy
 
             async def ask_b() -> None:
                 await client.post("/v1/chat/completions", json=chat("b"))
 
-            nursery.start_soon(keep_a_busy)
-            await busy.wait()
             nursery.start_soon(ask_b)
             status = await waiting_for_memory(client, "b")
             samples = await scrape(client)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,24 @@ async def impostor(stream: trio.SocketStream) -> None:
 
 
 # -- answers -------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def streaming(client: httpx.AsyncClient, body: dict[str, Any]) -> AsyncIterator[None]:
+    """A streamed ``/v1/chat/completions`` with ``body`` in flight for the block: entered once
+    its answer has begun (its model holds a request), hung up on exit."""
+    async with trio.open_nursery() as nursery:
+        begun = trio.Event()
+
+        async def stream() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                begun.set()
+                await response.aread()
+
+        nursery.start_soon(stream)
+        await begun.wait()
+        yield
+        nursery.cancel_scope.cancel()
 
 
 async def sse_lines(response: httpx.Response) -> AsyncGenerator[str, None]:
