@@ -331,3 +331,48 @@ async def test_idle_models_measured_for_real_stop_least_recently_used_first(
             pass
         await supervisor.load("z")
         assert states(supervisor) == {"x": State.READY, "y": State.STOPPED, "z": State.READY}
+
+
+async def test_a_model_just_ready_is_not_evicted_for_a_slot_before_its_waiters_use_it(
+    state_dir: Path, clock: MockClock
+) -> None:
+    config = make_config(
+        state_dir,
+        {name: {"cmd": health_server_cmd()} for name in ("a", "b")},
+        supervisor={"max_loaded": 1, "start_timeout": 3600, "health_interval": 3600},
+    )
+    async with running_supervisor(config) as supervisor:
+        for _ in range(4):  # a and b asked for at once, one slot: one start each per turn
+            async with trio.open_nursery() as nursery:
+                for name in ("a", "b"):
+                    nursery.start_soon(lease_once, supervisor, name)
+        spawns = {name: model.spawns for name, model in supervisor.models.items()}
+    # Two starts in the first turn, then one a turn: the model left loaded serves first.
+    # (Evicting a model that just became ready, before its waiters lease it, made 6 to 8.)
+    assert sum(spawns.values()) == 5, spawns
+
+
+async def lease_once(supervisor: Supervisor, name: str) -> None:
+    async with supervisor.lease(name):
+        await trio.sleep(0.01)
+
+
+async def test_a_pinned_model_is_never_evicted_for_a_slot(
+    state_dir: Path, clock: MockClock
+) -> None:
+    config = make_config(
+        state_dir,
+        {
+            "p": {"cmd": health_server_cmd(), "pinned": True},
+            "a": {"cmd": health_server_cmd()},
+            "c": {"cmd": health_server_cmd()},
+        },
+        supervisor={"max_loaded": 2, "start_timeout": 3600, "health_interval": 3600},
+    )
+    async with running_supervisor(config) as supervisor:
+        await supervisor.ensure_ready("p")  # the least recently used
+        await trio.sleep(60)
+        await supervisor.ensure_ready("a")
+        await trio.sleep(60)
+        await supervisor.ensure_ready("c")
+        assert states(supervisor) == {"p": State.READY, "a": State.STOPPED, "c": State.READY}

@@ -236,6 +236,10 @@ class ThreadedDaemon(DaemonHandle):
         daemon = cls(config, url)
         daemon._thread.start()
         if not daemon._settled.wait(cls.START_WITHIN):
+            # Stopped, not left running: its thread, port, lock and children would outlive
+            # the test otherwise.
+            with contextlib.suppress(AssertionError):
+                daemon.stop()
             raise AssertionError(f"daemon not started within {cls.START_WITHIN}s")
         if daemon.info is None:
             daemon._thread.join(cls.STOP_WITHIN)
@@ -262,7 +266,8 @@ class ThreadedDaemon(DaemonHandle):
 
     def stop(self) -> None:
         """Shut it down as SIGTERM does, and wait (bounded) for its thread to end; raises
-        what ended its run, if anything did. Closes ``http``."""
+        what ended its run, if anything did. Closes ``http``. From a synchronous test only
+        (``trio.from_thread`` refuses a call from inside a trio run)."""
         self.close_http()
         if self._thread.is_alive() and self._token is not None:
             # The event belongs to the daemon's run: set from there.

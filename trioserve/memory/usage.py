@@ -26,6 +26,13 @@ def measure_group(pgid: int, gpus: Sequence[str], nvml: NvmlReader) -> Sample:
     if not gpus:
         return Sample(used)
     usage = nvml.usage(group_pids(pgid), gpus)
-    used.update(usage.used)
-    gaps = "; ".join(f"{device}: {why}" for device, why in usage.gaps.items())
-    return Sample(used, gaps or None)
+    gaps = dict(usage.gaps)
+    for device, size in usage.used.items():
+        if size:
+            used[device] = size
+        else:
+            # A model on this GPU that NVML sees no memory of is not measured as using none:
+            # in a container without the host's pid namespace NVML lists other pids than ours.
+            gaps.setdefault(device, "NVML lists none of its processes on this GPU")
+    text = "; ".join(f"{device}: {why}" for device, why in gaps.items())
+    return Sample(used, text or None)

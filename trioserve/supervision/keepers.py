@@ -84,6 +84,7 @@ class Keepers:
                     try:
                         await self._host.ensure_ready(model)
                     except ModelUnavailable as exc:  # failed too often: after the cooldown
+                        log.warning("preload model %s: %s", model.name, exc.message)
                         await trio.sleep(exc.retry_after or 1.0)
                     except TrioserveError as exc:
                         log.warning("preload model %s: %s", model.name, exc.message)

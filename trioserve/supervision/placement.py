@@ -50,7 +50,9 @@ class Holder:
     held_since: float  # trio clock: when it took its memory
 
     def busy(self, now: float) -> bool:
-        return self.starting or self.in_use or now - self.last_used < BACK_TO_BACK
+        # Compared as the deadline is set (``last_used + BACK_TO_BACK``): a subtraction could
+        # round the other way and leave a waiter waking at once, again and again.
+        return self.starting or self.in_use or now < self.last_used + BACK_TO_BACK
 
     def label(self, now: float) -> str:
         if self.pinned:
@@ -109,7 +111,7 @@ def decide(
     idle = sorted((h for h in movable if not h.busy(now)), key=lambda h: h.last_used)
     busy = [h for h in movable if h.busy(now)]
     over = sorted(
-        (h for h in busy if not h.starting and now - h.held_since >= swap_after),
+        (h for h in busy if not h.starting and now >= h.held_since + swap_after),
         key=lambda h: h.held_since,
     )
     evict = _enough(left, idle)

@@ -103,16 +103,19 @@ class Placer:
                     unwanted_since = None
                 elif unwanted_since is None:
                     unwanted_since = now
-                elif now - unwanted_since >= ABANDON_AFTER:
+                elif now >= unwanted_since + ABANDON_AFTER:  # as the deadline is set
                     raise StartAbandoned("no request waits for it any more")
                 never = self._never_fits(model)
                 if never is not None:
                     raise CannotPlace(never)
                 wake_at = math.inf if unwanted_since is None else unwanted_since + ABANDON_AFTER
-                decision = self._decide(model, now)
-                ahead = self._ahead(model, decision)
-                model.short_on = frozenset(decision.missing) if ahead is None else ahead.short_on
-                slot_reason = self._slot_taken(model, act=ahead is None and model.demand > 0)
+                holders = [self._holder(name, m) for name, m in self._host.holders()]
+                decision = self._decide(model, holders, now)
+                ahead = self._ahead(model, holders)
+                model.short_on = frozenset(decision.missing)
+                # A slot is freed only for a start that can then happen: its memory fits.
+                act = ahead is None and model.demand > 0 and decision.fits
+                slot_reason = self._slot_taken(model, act=act)
                 if slot_reason is None and decision.fits and ahead is None:
                     model.holds_slot = True
                     model.held_since = now
@@ -137,41 +140,48 @@ class Placer:
 
     def _slot_taken(self, model: ManagedModel, *, act: bool) -> str | None:
         """None when a slot under ``max_loaded`` is free; else why not, having asked (when
-        ``act``) the least recently used idle unpinned model to stop."""
+        ``act``) the least recently used idle unpinned model to stop. Idle: ready, and no
+        request in flight, queued, or waiting for its start to be served (a model that just
+        became ready is not stopped before those who waited for it lease it). Nothing more
+        is stopped while a model is already stopping: its slot is coming back."""
         limit = self._host.config.supervisor.max_loaded
-        holders = list(self._host.holders())
+        holders = [m for _, m in self._host.holders()]
         if len(holders) < limit:
             return None
-        idle = [
-            m
-            for _, m in holders
-            if m.state is State.READY and not m.leases and m.run is not None and not m.pinned
-        ]
-        if idle and act:
+        idle = [m for m in holders if _idle(m) and not m.pinned]
+        coming_back = any(m.state not in _RUNNING for m in holders)
+        if idle and act and not coming_back:
             victim = min(idle, key=lambda m: m.last_used_clock)
             assert victim.run is not None
             victim.run.stop(f"evicted for {model.name} (max_loaded={limit})")
-        held = ", ".join(name for name, _ in holders)
+        held = ", ".join(name for name, _ in self._host.holders())
         return f"waiting for a slot: max_loaded={limit} models hold one ({held})"
 
-    def _decide(self, model: ManagedModel, now: float) -> placement.Decision:
+    def _decide(
+        self, model: ManagedModel, holders: list[placement.Holder], now: float
+    ) -> placement.Decision:
         return placement.decide(
             self.need(model),
             self._host.config.supervisor.memory,
-            [self._holder(name, m) for name, m in self._host.holders()],
+            holders,
             now=now,
             swap_after=self._host.config.supervisor.swap_after,
         )
 
-    def _ahead(self, model: ManagedModel, decision: placement.Decision) -> ManagedModel | None:
-        """A model waiting longer for memory on a device this one needs room on too: it goes
-        first. (One waiting for another device, or only for a slot, holds nobody back.)"""
+    def _ahead(self, model: ManagedModel, holders: list[placement.Holder]) -> ManagedModel | None:
+        """A model waiting longer that goes first: short of memory on a device this one needs
+        room on too, or fitting now (it takes its place at its next turn) on a device this one
+        needs. One short only on other devices holds nobody back: a start waiting for a GPU
+        does not stop a CPU-only one. Worked out afresh each time: what a waiter is short of
+        changes as others come and go."""
         budgets = self._host.config.supervisor.memory
-        mine = {device for device, size in self.need(model).items() if size and device in budgets}
+        mine = _budgeted(self.need(model), budgets)
         for earlier in self._in_line:
             if earlier is model:
                 return None
-            if earlier.short_on & mine:
+            need = self.need(earlier)
+            short = placement.shortfall(need, budgets, holders).keys()
+            if mine & (short or _budgeted(need, budgets)):
                 return earlier
         return None
 
@@ -228,3 +238,16 @@ class Placer:
                     "model's memory, command or devices)"
                 )
         return None
+
+
+def _idle(model: ManagedModel) -> bool:
+    admission = model.admission
+    return (
+        model.state is State.READY
+        and model.run is not None
+        and not (model.leases or model.demand or admission.queued or admission.admitted)
+    )
+
+
+def _budgeted(need: dict[str, int], budgets: dict[str, int]) -> set[str]:
+    return {device for device, size in need.items() if size and device in budgets}

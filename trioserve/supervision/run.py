@@ -502,8 +502,9 @@ class ModelRun:
             # Its group was stopped and the child reaped: nothing of it is left to guard.
             guard.untrack(child.pid)
         if self.peak:
-            # The next start counts what this run was measured to use, as the store does.
-            self._figures().measured = dict(self.peak)
+            # The next start counts what this run was measured to use, as the store does
+            # (a device this run could not measure keeps its earlier figure, there too).
+            self._figures().measured = {**(self._before or {}), **self.peak}
         if self.current and model.state is State.STOPPING:
             model.move(State.STOPPED, self.stop_reason or "stopped")
         store, row = self._host.store, self.store_row

@@ -165,6 +165,8 @@ class Supervisor:
                 self._check_cooldown(model)
                 attempt = self._begin_start(model, "requested").attempt
             model.demand += 1
+            if model.demand == 1:
+                self.room_changed()  # a start that nobody wanted is wanted again: decide now
             try:
                 await attempt.done.wait()
             finally:
