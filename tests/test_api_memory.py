@@ -106,3 +106,23 @@ async def test_a_reload_is_refused_for_a_model_whose_estimate_never_fits(
     async with running_supervisor(config) as supervisor:
         with pytest.raises(ConfigError, match=r"more than its budget of 5\.0 MiB"):
             await supervisor.vet(more)
+
+
+async def test_a_gguf_missing_at_start_is_estimated_once_it_is_there(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    model_file = tmp_path / "later.gguf"
+    config = make_config(
+        state_dir,
+        {"m": {"cmd": ["llama-server", "--port", "{port}", "-m", str(model_file)]}},
+        supervisor={"memory": {"cpu": "1 GiB"}},
+    )
+    async with running_supervisor(config) as supervisor:
+        before = supervisor.status()["m"]
+        assert before.memory["estimated"] == {}
+        assert "no estimate: " in before.warnings[0]
+        write_gguf(model_file)
+        await supervisor.vet(config)  # as a reload does
+        after = supervisor.status()["m"]
+    assert after.memory["estimated"]["cpu"] > 11 * MIB
+    assert after.warnings == []

@@ -9,8 +9,9 @@ from trioserve.memory.figures import MemoryBook, command_key
 
 __all__ = ["Estimate", "apply_estimates", "estimate_models"]
 
-# (bytes or None, the estimate's one-line account or why there is none), by command key.
-Estimate = tuple[int | None, str]
+# (bytes or None, the estimate's one-line account or why there is none, whether the GGUF
+# could not be read), by command key.
+Estimate = tuple[int | None, str, bool]
 
 
 def estimate_models(config: Config, known: Container[str]) -> dict[str, Estimate]:
@@ -27,7 +28,7 @@ def estimate_models(config: Config, known: Container[str]) -> dict[str, Estimate
         values = placeholder_values(config, name, "{port}")
         argv = [render(arg, values) for arg in model.cmd]
         if not any(".gguf" in arg for arg in argv):
-            estimates[key] = (None, "its command names no .gguf to estimate from")
+            estimates[key] = (None, "its command names no .gguf to estimate from", False)
             continue
         # Imported only for a GGUF: the gguf library brings numpy, a tenth of a second of
         # every daemon start that serves none.
@@ -36,16 +37,16 @@ def estimate_models(config: Config, known: Container[str]) -> dict[str, Estimate
         try:
             estimate = estimate_command(argv)
         except GgufEstimateError as exc:
-            estimates[key] = (None, f"no estimate: {exc}")
+            estimates[key] = (None, f"no estimate: {exc}", True)
             continue
         if estimate is None:
-            estimates[key] = (None, "its command names no .gguf to estimate from")
+            estimates[key] = (None, "its command names no .gguf to estimate from", False)
         else:
-            estimates[key] = (estimate.total, estimate.describe())
+            estimates[key] = (estimate.total, estimate.describe(), False)
     return estimates
 
 
 def apply_estimates(book: MemoryBook, estimates: dict[str, Estimate]) -> None:
-    for key, (size, note) in estimates.items():
+    for key, (size, note, failed) in estimates.items():
         figures = book.of(key)
-        figures.estimate, figures.estimate_note = size, note
+        figures.estimate, figures.estimate_note, figures.estimate_failed = size, note, failed

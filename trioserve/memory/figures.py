@@ -46,6 +46,8 @@ class CommandFigures:
     # one-line account, or why there is none.
     estimate: int | None = None
     estimate_note: str | None = None
+    # The GGUF could not be read (missing, damaged): tried again at the next start or reload.
+    estimate_failed: bool = False
     measured: dict[str, int] = field(default_factory=dict)
     # Why a GPU figure could not be measured (no NVML, a process NVML does not list), or None.
     unmeasured: str | None = None
@@ -121,8 +123,13 @@ class MemoryBook:
         return self._by_command.setdefault(key, CommandFigures())
 
     def estimated_keys(self) -> set[str]:
-        """The commands already estimated (or found to have nothing to estimate from)."""
-        return {key for key, figures in self._by_command.items() if figures.estimate_note}
+        """The commands already estimated (or found to have nothing to estimate from); not
+        those whose GGUF could not be read: the file may be there by the next reload."""
+        return {
+            key
+            for key, figures in self._by_command.items()
+            if figures.estimate_note and not figures.estimate_failed
+        }
 
     def for_model(self, config: Config, name: str, model: ModelConfig) -> CommandFigures:
         return self.of(command_key(config, name, model))
