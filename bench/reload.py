@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 
 import httpx
 import trio
-from _daemon import wait_healthy
+from _daemon import daemon_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.admin import AdminAuth
@@ -259,18 +258,7 @@ def main() -> int:
         file = ConfigFile(Path(tmp) / "trioserve.toml", Path(tmp) / "state")
         file.write(tight=False, spare=False)
         log_path = Path(tmp) / "daemon.log"
-        trioserve = Path(sys.executable).with_name("trioserve")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIOSERVE_", "NOTIFY"))}
-        with log_path.open("wb") as log:
-            daemon = subprocess.Popen(
-                [str(trioserve), "start", "--config", str(file.path), "--log-level", "warning"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        try:
-            wait_healthy(file.url, daemon)
+        with daemon_process(file.path, log_path, file.url) as daemon:
             for name in ("echo", "steady"):
                 loaded = httpx.post(
                     f"{file.url}/admin/models/{name}/load",
@@ -281,13 +269,6 @@ def main() -> int:
             before = model_pids(file.url)
             run = trio.run(load_and_reload, file.url, file, args)
             after = model_pids(file.url)
-        finally:
-            daemon.terminate()
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
         figures = report(run, (before, after))
         if daemon.returncode != 0:
             print(log_path.read_text()[-2000:], file=sys.stderr)

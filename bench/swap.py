@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 
 import httpx
 import trio
-from _daemon import wait_healthy
+from _daemon import daemon_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.admin import AdminAuth
@@ -156,27 +155,8 @@ def one_run(scenario: dict[str, Any], swap_after: float, args: argparse.Namespac
             "swap_after": swap_after,
         }
         write_config(path, state_dir, port, models, supervisor=supervisor)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIOSERVE_", "NOTIFY"))}
-        log_path = Path(tmp) / "daemon.log"
-        trioserve = Path(sys.executable).with_name("trioserve")
-        with log_path.open("wb") as log:
-            daemon = subprocess.Popen(
-                [str(trioserve), "start", "--config", str(path), "--log-level", "warning"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        try:
-            wait_healthy(url, daemon)
+        with daemon_process(path, Path(tmp) / "daemon.log", url):
             return trio.run(drive, url, state_dir, scenario, requests)
-        finally:
-            daemon.terminate()
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -125,7 +125,8 @@ class ManagedModel:
     held_since: float = 0.0  # trio clock: when it took its slot (its time slice began)
     # Why its start waits for a slot or memory, or None.
     waiting_for: str | None = None
-    # The devices its start is short of memory on: later starts needing them wait behind it.
+    # The devices its start is short of memory on (for /metrics; the placer works out who
+    # waits behind whom afresh each time).
     short_on: frozenset[str] = frozenset()
     # Callers waiting for its start (requests, a load, preload): a start nobody waits for
     # any more gives its place in line up instead of stopping another model for nothing.
